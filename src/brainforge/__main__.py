@@ -1,0 +1,3 @@
+from brainforge.cli import main
+
+main()

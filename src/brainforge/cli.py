@@ -1,0 +1,214 @@
+"""The `brainforge` command. Each subcommand is a thin, typed function over the library.
+
+User errors (`BrainforgeError`) print one line of explanation and exit 2; `--debug` shows
+the traceback. Anything else is a bug and is shown in full.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from brainforge.errors import BrainforgeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune a small language model on the machine you have.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect and check config files.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect training data as the model will see it.")
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+
+ConfigArg = typer.Argument(..., help="Path of a config.yaml.", show_default=False)
+SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set training.max_steps=20 (repeatable).")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors too."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors.")) -> None:
+    _state["debug"] = debug
+    level = logging.WARNING if quiet else (logging.DEBUG if debug else logging.INFO)
+    _setup_logging(level)
+
+
+def _setup_logging(level: int) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, show_time=False, rich_tracebacks=False)
+    logger = logging.getLogger("brainforge")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+    for noisy in ("transformers", "datasets", "lightning", "lightning.pytorch", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if level <= logging.INFO else level)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _echo(message: str) -> None:
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        typer.echo(message)
+
+
+# ------------------------------------------------------------------------------ train
+
+
+@app.command()
+def train(
+    config: Path = ConfigArg,
+    set_: Optional[List[str]] = SetOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue the latest run of this config from its last checkpoint."),
+) -> None:
+    """Train as the config says (SFT today) and write the run folder."""
+    from brainforge.config import load_config
+    from brainforge.training.run import train as run_training
+
+    cfg = load_config(config, set_)
+    logging.getLogger("brainforge").setLevel(cfg.logging.level)
+    run_dir = run_training(cfg, config, resume=resume)
+    _echo(f"\nDone. Outputs in {run_dir}:")
+    for name in ("adapter", "tensorboard", "checkpoints", "config.yaml", "metrics.json", "samples.jsonl"):
+        if (run_dir / name).exists():
+            _echo(f"  {run_dir / name}")
+    _echo(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    _echo(f"Try it:      brainforge generate --adapter {run_dir} \"your prompt\"")
+
+
+# ------------------------------------------------------------------------------ config / data
+
+
+@config_app.command("validate")
+def config_validate(config: Path = ConfigArg, set_: Optional[List[str]] = SetOpt) -> None:
+    """Check a config file against the schema; print the resolved config."""
+    import yaml
+
+    from brainforge.config import load_config
+
+    cfg = load_config(config, set_)
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    typer.echo(f"{config}: valid")
+
+
+@data_app.command("preview")
+def data_preview(
+    config: Path = ConfigArg,
+    set_: Optional[List[str]] = SetOpt,
+    count: int = typer.Option(3, "--count", "-n", help="How many examples to show."),
+) -> None:
+    """Show rendered examples with trained tokens marked ⟦like this⟧; check all of them."""
+    from brainforge.config import load_config
+    from brainforge.data.preview import preview
+    from brainforge.models.loader import load_tokenizer, resolve_model_path
+
+    cfg = load_config(config, set_)
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
+    for i, example in enumerate(preview(cfg, tokenizer, count)):
+        typer.echo(f"--- example {i} from {example.source}: {example.num_tokens} tokens, {example.num_trained} trained")
+        typer.echo(example.marked_text)
+    typer.echo("--- every example trains at least one token and its end-of-turn token")
+
+
+# ------------------------------------------------------------------------------ inference
+
+
+AdapterOpt = typer.Option(None, "--adapter", "-a", help="A run folder or adapter folder.")
+ModelOpt = typer.Option(None, "--model", "-m", help="Base model (default: the adapter's base, or 'default').")
+
+
+@app.command()
+def generate(
+    prompts: List[str] = typer.Argument(..., help="One or more prompts."),
+    adapter: Optional[Path] = AdapterOpt,
+    model: Optional[str] = ModelOpt,
+    max_new_tokens: int = typer.Option(128, help="Generation length limit."),
+    temperature: float = typer.Option(0.0, help="0 for greedy decoding."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
+) -> None:
+    """Generate answers with a base model plus optional adapter."""
+    from brainforge.inference import load_chat_model
+
+    chat = load_chat_model(adapter, model)
+    for prompt, answer in zip(prompts, chat.generate(prompts, max_new_tokens, temperature, top_p)):
+        typer.echo(f">>> {prompt}\n{answer}\n")
+
+
+@app.command()
+def chat(
+    adapter: Optional[Path] = AdapterOpt,
+    model: Optional[str] = ModelOpt,
+    max_new_tokens: int = typer.Option(256, help="Reply length limit."),
+    temperature: float = typer.Option(0.0, help="0 for greedy decoding."),
+) -> None:
+    """Interactive chat (empty line or Ctrl-D to quit)."""
+    from brainforge.inference import load_chat_model
+
+    session = load_chat_model(adapter, model)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        history.append({"role": "user", "content": text})
+        reply = session.generate([history], max_new_tokens, temperature)[0]
+        history.append({"role": "assistant", "content": reply})
+        typer.echo(f"model> {reply}")
+
+
+@app.command()
+def merge(
+    run: Path = typer.Argument(..., help="A run folder (or adapter folder)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: RUN/merged)."),
+    dtype: str = typer.Option("bfloat16", help="Dtype of the saved weights: bfloat16, float16 or float32."),
+) -> None:
+    """Merge the adapter into its base and check both agree before declaring success."""
+    from brainforge.merge import merge_adapter
+
+    if dtype not in {"bfloat16", "float16", "float32"}:
+        raise BrainforgeError(f"--dtype {dtype}: use bfloat16, float16 or float32")
+    out_dir = merge_adapter(run, out, save_dtype=dtype)
+    typer.echo(f"merged model: {out_dir} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+
+
+@app.command()
+def doctor() -> None:
+    """Versions, CPU features (AMX/bf16), GPU, default model and embedder packages."""
+    from brainforge.doctor import report
+
+    failed = False
+    for name, value, ok in report():
+        typer.echo(f"{'ok ' if ok else 'XX '} {name:22} {value}")
+        failed |= not ok
+    if failed:
+        raise BrainforgeError("some required parts are missing (marked XX above)")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except BrainforgeError as exc:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; the last completed checkpoint is intact (resume with --resume)", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise

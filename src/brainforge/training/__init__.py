@@ -1,0 +1,1 @@
+"""Training: losses, the SFT LightningModule, checkpoints, and the run orchestration."""

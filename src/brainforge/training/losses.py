@@ -1,0 +1,42 @@
+"""Token-level losses over tensors.
+
+`sum_token_nll` returns a *sum* and a token count rather than a mean, so callers can
+normalise by the labelled tokens of a whole accumulated step (ALGORITHMS.md section 1: a
+per-micro-batch mean would weight short examples more).
+
+The output head runs only on positions that have a label. With a 49k vocabulary the head
+and its log-softmax are the most expensive op per token in a 135M model, and prompt tokens
+(often most of a sequence) need neither.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from brainforge.data.templates import IGNORE_INDEX
+
+
+def decoder_and_head(model: Any) -> tuple[Any, Any]:
+    """The transformer body and output head of a (PEFT-wrapped) causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def sum_token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood of the labelled tokens, and their count."""
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(
+        input_ids=batch["input_ids"],                      # [B, T]
+        attention_mask=batch.get("attention_mask"),        # [B, T] or [B, 1, T, T]
+        position_ids=batch.get("position_ids"),            # [B, T] or None
+        use_cache=False,
+    ).last_hidden_state                                    # [B, T, H]
+    targets = batch["labels"][:, 1:]                       # [B, T-1]: position t predicts t+1
+    keep = targets != IGNORE_INDEX                         # [B, T-1]
+    selected = hidden[:, :-1][keep]                        # [N, H]
+    logits = head(selected).float()                        # [N, V]
+    nll = F.cross_entropy(logits, targets[keep], reduction="sum")
+    return nll, keep.sum()
