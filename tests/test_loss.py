@@ -80,3 +80,30 @@ def test_accumulation_equals_whole_batch(model):
     # ... whereas averaging per-micro-batch means would differ (lengths differ).
     per_batch = torch.stack([sum_token_nll(model, b)[0] / sum_token_nll(model, b)[1] for b in micro]).mean()
     assert not torch.allclose(per_batch, mean_loss(model, whole), atol=1e-4)
+
+
+def test_padding_free_micro_batches_equal_padded(model):
+    examples = make_examples(4)
+    padded = MicroBatchCollator(micro_batch_size=2, pad_id=0, packed=False, padding_free=False)(examples)
+    free = MicroBatchCollator(micro_batch_size=2, pad_id=0, packed=False, padding_free=True)(examples)
+    assert [b["input_ids"].shape[0] for b in free] == [1, 1]  # one row per micro-batch, no padding
+    assert sum(int(b["input_ids"].numel()) for b in free) == sum(len(e.input_ids) for e in examples)
+    assert torch.allclose(mean_loss(model, padded), mean_loss(model, free), atol=1e-5)
+
+
+def test_segment_attention_equals_dense_mask(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from brainforge.models.attention import enable_segment_attention
+
+    dense_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    segment_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    assert enable_segment_attention(segment_model)
+    rows = pack_examples(make_examples(5), max_length=40, seed=0)
+    batch = packed_collate(rows, pad_id=0)
+    assert any(len(lens) > len(row) for lens, row in zip(batch["segment_lengths"], rows))  # a padded tail exists
+    dense_loss = mean_loss(dense_model, [batch])
+    segment_loss = mean_loss(segment_model, [batch])
+    assert torch.allclose(dense_loss, segment_loss, atol=1e-5)
+    # Generation (no segment lengths) still works through the standard path.
+    assert segment_model.generate(batch["input_ids"][:1, :4], max_new_tokens=2, do_sample=False).shape[1] == 6

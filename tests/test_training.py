@@ -42,6 +42,7 @@ def test_run_folder_has_every_output(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["steps"] == 12 and metrics["trained_tokens"] > 0 and metrics["val_loss"] is not None
     assert metrics["train_loss_last10_mean"] < metrics["train_loss_first"]  # it learns
+    assert metrics["val_loss"] < metrics["val_loss_before"]
     samples = [json.loads(line) for line in (trained_run / "samples.jsonl").read_text().splitlines()]
     assert samples[0]["prompt"] == "Say hi." and isinstance(samples[0]["completion"], str)
     # Checkpoints are pruned to save_total_limit and the pointer names a complete one.

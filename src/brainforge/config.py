@@ -134,7 +134,12 @@ class DataConfig(StrictModel):
     val_split: float = Field(0.05, ge=0.0, lt=0.5)
     """Fraction of the mixture held out for validation loss."""
     packing: bool = False
-    """Pack several examples into each row; attention never crosses example boundaries."""
+    """Pack several examples into each row of up to max_seq_length tokens (fewer, fuller
+    steps); attention never crosses example boundaries."""
+    padding_free: bool = True
+    """Without packing: lay each micro-batch's examples end to end in one row instead of
+    padding them to the longest one. Same examples per step and the same loss, no compute
+    spent on padding."""
     system_prompt: str | None = None
     """System message added to every conversation that has none."""
     num_workers: int = Field(0, ge=0)

@@ -1,9 +1,10 @@
 """Batching: padded micro-batches, or packed rows whose examples cannot see each other.
 
 A packed row concatenates several examples. Each gets its own position ids (restarting at 0)
-and the attention mask is block-diagonal and causal, so the result is exactly what the
-examples would give on their own, without any padding compute. (SDPA on CPU ignores
-position-id resets alone, so the 4-D mask is required, not an optimisation.)
+and attention stays inside each example, so the result is exactly what the examples would
+give on their own, without any padding compute. Batches carry both the example lengths
+(used by `models.attention.segment_sdpa`) and an equivalent block-diagonal causal 4-D mask
+for other attention implementations. (SDPA ignores position-id resets alone.)
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def packed_collate(rows: Sequence[Sequence[TokenizedExample]], pad_id: int) -> B
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 marks padding
+    lengths: list[list[int]] = []
     for r, row in enumerate(rows):
+        lengths.append([len(e.input_ids) for e in row])
         offset = 0
         for s, example in enumerate(row):
             n = len(example.input_ids)
@@ -70,12 +73,18 @@ def packed_collate(rows: Sequence[Sequence[TokenizedExample]], pad_id: int) -> B
             positions[r, offset : offset + n] = torch.arange(n)
             segment[r, offset : offset + n] = s
             offset += n
+        if offset < width:
+            lengths[-1].append(width - offset)  # the padding tail attends only to itself
     same = segment[:, :, None] == segment[:, None, :]  # [B, T, T]
     causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
     mask = same & causal & (segment[:, :, None] >= 0)
     # Padding rows attend to themselves so softmax never sees an all-masked row.
     mask |= torch.eye(width, dtype=torch.bool)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask[:, None]}
+    return {
+        "input_ids": ids, "labels": labels, "position_ids": positions,
+        "attention_mask": mask[:, None],  # for attention implementations without segment support
+        "segment_lengths": lengths,       # for models.attention.segment_sdpa, which needs no mask
+    }
 
 
 class MicroBatchCollator:
@@ -85,14 +94,17 @@ class MicroBatchCollator:
     normalise the loss by the labelled tokens of the whole step.
     """
 
-    def __init__(self, micro_batch_size: int, pad_id: int, packed: bool):
+    def __init__(self, micro_batch_size: int, pad_id: int, packed: bool, padding_free: bool = False):
         self.micro_batch_size = micro_batch_size
         self.pad_id = pad_id
         self.packed = packed
+        self.padding_free = padding_free
 
     def __call__(self, items: list) -> list[Batch]:
         size = self.micro_batch_size
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
-        if self.packed:
+        if self.packed:  # items are already packed rows
             return [packed_collate(chunk, self.pad_id) for chunk in chunks]
+        if self.padding_free:  # the micro-batch becomes one row, examples end to end
+            return [packed_collate([chunk], self.pad_id) for chunk in chunks]
         return [pad_collate(chunk, self.pad_id) for chunk in chunks]

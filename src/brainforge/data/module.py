@@ -106,9 +106,13 @@ class SFTDataModule(L.LightningDataModule):
             self.train_items,
             batch_size=self.examples_per_step,
             shuffle=True,
-            collate_fn=MicroBatchCollator(training.per_device_batch_size, self.pad_id, self.config.data.packing),
+            collate_fn=self._collator(),
             num_workers=self.config.data.num_workers,
         )
+
+    def _collator(self) -> MicroBatchCollator:
+        data = self.config.data
+        return MicroBatchCollator(self.config.training.per_device_batch_size, self.pad_id, data.packing, data.padding_free)
 
     def val_dataloader(self) -> DataLoader:
         training = self.config.training
@@ -116,6 +120,6 @@ class SFTDataModule(L.LightningDataModule):
             self.val_items,
             batch_size=training.per_device_batch_size,
             shuffle=False,
-            collate_fn=MicroBatchCollator(training.per_device_batch_size, self.pad_id, self.config.data.packing),
+            collate_fn=self._collator(),
             num_workers=self.config.data.num_workers,
         )

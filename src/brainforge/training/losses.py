@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from brainforge.data.templates import IGNORE_INDEX
+from brainforge.models.attention import uses_segment_attention
 
 
 def decoder_and_head(model: Any) -> tuple[Any, Any]:
@@ -28,11 +29,14 @@ def decoder_and_head(model: Any) -> tuple[Any, Any]:
 def sum_token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood of the labelled tokens, and their count."""
     decoder, head = decoder_and_head(model)
+    inputs: dict[str, Any] = {"attention_mask": batch.get("attention_mask")}  # [B, T] or [B, 1, T, T]
+    if batch.get("segment_lengths") is not None and uses_segment_attention(decoder):
+        inputs = {"segment_lengths": batch["segment_lengths"]}  # per-example attention, no mask
     hidden = decoder(
         input_ids=batch["input_ids"],                      # [B, T]
-        attention_mask=batch.get("attention_mask"),        # [B, T] or [B, 1, T, T]
         position_ids=batch.get("position_ids"),            # [B, T] or None
         use_cache=False,
+        **inputs,
     ).last_hidden_state                                    # [B, T, H]
     targets = batch["labels"][:, 1:]                       # [B, T-1]: position t predicts t+1
     keep = targets != IGNORE_INDEX                         # [B, T-1]

@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import psutil
-import torch
 
 from brainforge.config import BrainforgeConfig, dump_config
 from brainforge.data.module import PreparedData, SFTDataModule, prepare_sft_data
 from brainforge.errors import BrainforgeError, ConfigError, MissingDependencyError
 from brainforge.hardware import configure_threads, resolve_dtype
 from brainforge.inference import ChatModel
+from brainforge.models.attention import enable_segment_attention
 from brainforge.models.loader import attach_lora, load_base_model, load_tokenizer, resolve_model_path
 from brainforge.training.checkpointing import AdapterCheckpoint, latest_checkpoint, write_adapter
 from brainforge.training.sft import LLMTrainingAgent
@@ -62,18 +61,18 @@ def train(config: BrainforgeConfig, config_path: str | Path, resume: bool = Fals
         dump_config(config, run_dir / "config.yaml")
         log.info("run folder: %s (%d optimizer steps)", run_dir, total_steps)
 
+    val_before = None
+    if datamodule.val_items and checkpoint is None:
+        val_before = _val_loss(trainer.validate(module, datamodule=datamodule, verbose=False))
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint / "trainer_state.ckpt") if checkpoint else None)
     train_seconds = time.perf_counter() - started
-    val_loss = None
-    if datamodule.val_items:
-        results = trainer.validate(module, datamodule=datamodule, verbose=False)
-        val_loss = results[0].get("val/loss") if results else None
+    val_loss = _val_loss(trainer.validate(module, datamodule=datamodule, verbose=False)) if datamodule.val_items else None
 
     if trainer.is_global_zero:
         write_adapter(model, tokenizer, data.fmt.template, run_dir / "adapter", {**meta, "step": trainer.global_step})
         write_samples(ChatModel(model, tokenizer), config, run_dir / "samples.jsonl")
-        write_metrics(run_dir / "metrics.json", module, trainer, data, train_seconds, val_loss)
+        write_metrics(run_dir / "metrics.json", module, trainer, data, train_seconds, val_before, val_loss)
     return run_dir
 
 
@@ -86,6 +85,9 @@ def load_policy(config: BrainforgeConfig) -> tuple[Any, Any]:
     path = resolve_model_path(config.model.name_or_path)
     tokenizer = load_tokenizer(path, config.model.trust_remote_code)
     base = load_base_model(config.model, dtype, config.peft.quantization, model_path=path)
+    if (config.data.packing or config.data.padding_free) and not enable_segment_attention(base):
+        log.info("attention implementation %s: packed rows use a dense block-diagonal mask", base.config._attn_implementation)
+    base.train()  # from_pretrained returns eval mode; dropout (if any) must be live
     model = attach_lora(
         base, config.peft.lora, config.model.adapter_path, trainable=True,
         gradient_checkpointing=config.training.gradient_checkpointing,
@@ -194,7 +196,15 @@ def write_samples(chat: ChatModel, config: BrainforgeConfig, path: Path) -> None
             handle.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
 
 
-def write_metrics(path: Path, module: LLMTrainingAgent, trainer: L.Trainer, data: PreparedData, seconds: float, val_loss: Any) -> None:
+def _val_loss(results: list[dict[str, Any]]) -> float | None:
+    value = results[0].get("val/loss") if results else None
+    return float(value) if value is not None else None
+
+
+def write_metrics(
+    path: Path, module: LLMTrainingAgent, trainer: L.Trainer, data: PreparedData, seconds: float,
+    val_before: float | None, val_loss: float | None,
+) -> None:
     losses = module.loss_history
     metrics = {
         "steps": trainer.global_step,
@@ -202,7 +212,8 @@ def write_metrics(path: Path, module: LLMTrainingAgent, trainer: L.Trainer, data
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
         "train_loss_last10_mean": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-        "val_loss": float(val_loss) if val_loss is not None else None,
+        "val_loss_before": val_before,
+        "val_loss": val_loss,
         "trained_tokens": module.trained_tokens,
         "train_seconds": round(seconds, 2),
         "trained_tokens_per_s": round(module.trained_tokens / seconds, 1) if seconds > 0 else None,

@@ -36,10 +36,6 @@ class LLMTrainingAgent(L.LightningModule):
 
     # ------------------------------------------------------------------ training step
 
-    def on_train_start(self) -> None:
-        # from_pretrained leaves modules in eval mode; dropout must be live while training.
-        self.model.train()
-
     def training_step(self, micro_batches: list[dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
