@@ -140,3 +140,23 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_model_dir):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
     assert (run / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_ctrl_c_keeps_last_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path / "ctrlc.yaml", tiny_model_dir,
+                          training={"max_steps": 400, "save_every_n_steps": 2, "run_name": "ctrlc", "test_prompts": []},
+                          logging={"level": "INFO"})
+    proc = subprocess.Popen([sys.executable, "-m", "brainforge", "train", str(config)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pointer = tmp_path / "outputs" / "ctrlc" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not pointer.exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "--resume" in output
+    latest = pointer.parent / pointer.read_text()
+    assert (latest / "adapter" / "adapter_model.safetensors").exists() and (latest / "trainer_state.ckpt").exists()
+    assert not (tmp_path / "outputs" / "ctrlc" / "adapter").exists()  # no final adapter from a cut run

@@ -81,6 +81,14 @@ class AdapterCheckpoint(L.Callback):
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.save(trainer, module)
 
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        # Nothing is saved here: the step in flight may be half done. The last complete
+        # checkpoint is untouched by construction.
+        latest = latest_checkpoint(self.dir)
+        where = f"the last complete checkpoint is {latest}" if latest else "no checkpoint was completed yet"
+        log.warning("training stopped at step %d (%s); %s. Continue with: brainforge train CONFIG --resume",
+                    trainer.global_step, type(exception).__name__, where)
+
     def save(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
         if step == self._last_saved or step == 0:

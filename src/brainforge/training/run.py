@@ -39,9 +39,18 @@ RUN_DIR_ENV = "BRAINFORGE_RUN_DIR"
 
 def train(config: BrainforgeConfig, config_path: str | Path, resume: bool = False) -> Path:
     """Run SFT as configured and return the run folder."""
+    inherited_run_dir = RUN_DIR_ENV in os.environ  # set for DDP children by their parent
+    try:
+        return _train(config, Path(config_path), resume)
+    finally:
+        if not inherited_run_dir:
+            os.environ.pop(RUN_DIR_ENV, None)
+
+
+def _train(config: BrainforgeConfig, config_path: Path, resume: bool) -> Path:
     L.seed_everything(config.training.seed, workers=True, verbose=False)
     configure_threads(config.training.num_threads)
-    run_dir = resolve_run_dir(config, Path(config_path), resume)
+    run_dir = resolve_run_dir(config, config_path, resume)
     checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
     if resume and checkpoint is None:
         raise BrainforgeError(f"--resume: {run_dir} has no complete checkpoint to resume from")
@@ -137,6 +146,7 @@ def _world_size(config: BrainforgeConfig) -> int:
 
 def build_trainer(config: BrainforgeConfig, run_dir: Path, total_steps: int, checkpointer: L.Callback, has_val: bool) -> L.Trainer:
     from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     loggers: list[Any] = []
     if config.logging.tensorboard:
@@ -176,7 +186,7 @@ def build_trainer(config: BrainforgeConfig, run_dir: Path, total_steps: int, che
             default_root_dir=str(run_dir),
             enable_model_summary=False,
         )
-    except (ValueError, TypeError, RuntimeError) as exc:
+    except (ValueError, TypeError, RuntimeError, MisconfigurationException) as exc:
         raise ConfigError(f"hardware: Lightning rejected accelerator={hardware.accelerator!r} devices={hardware.devices!r} strategy={hardware.strategy!r}: {exc}") from exc
 
 
