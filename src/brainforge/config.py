@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from brainforge.errors import ConfigError
 
-SourceType = Literal["chat", "coding", "function_calling", "language"]
+SourceType = Literal["chat", "coding", "function_calling", "language", "prompt"]
 OutputFormat = Literal["chatml", "alpaca", "llama2", "mistral"]
 
 
@@ -100,6 +100,9 @@ class SourceConfig(StrictModel):
     """Map from the formatter's field names to this dataset's column names."""
     max_samples: int | None = Field(None, gt=0)
     """Use at most this many rows of the source (the first ones)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Generator settings for built-in task sources (`reasoning_gym:<task>`: size, seed and
+    the task's own parameters)."""
 
     @model_validator(mode="after")
     def _exactly_one_location(self) -> "SourceConfig":
@@ -228,9 +231,96 @@ class HardwareConfig(StrictModel):
         return value
 
 
+class RewardFunctionConfig(StrictModel):
+    name: str
+    """A registered reward (see `brainforge.rewards.registry`) or a dotted import path
+    `package.module.function` of a callable `(prompts, completions, **columns) -> list[float | None]`."""
+    weight: float = 1.0
+    """Weight in the summed reward."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments passed to the function on every call."""
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> "RewardFunctionConfig":
+        from brainforge.rewards.registry import resolve_reward
+
+        resolve_reward(self.name)  # raises with the list of valid names
+        return self
+
+
+class GRPOSettings(StrictModel):
+    num_generations: int = 4
+    """K: completions sampled per prompt; advantages compare them, so K >= 2."""
+    prompts_per_step: int = 2
+    """B: prompts per optimizer step; one generation call samples all B*K completions."""
+    micro_batch_size: int | None = None
+    """Completions per forward/backward in the loss pass (default: all B*K at once).
+    Sized independently of the generation batch; must divide B*K."""
+    max_new_tokens: int = 64
+    """Completion length cap; a completion that reaches it is truncated."""
+    temperature: float = 0.7
+    """Sampling temperature; training log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    stop_strings: list[str] = Field(default_factory=list)
+    """Extra strings that end a completion (EOS always does)."""
+    beta: float = 0.04
+    """KL coefficient to the reference policy (0 disables the reference pass)."""
+    epsilon: float = 0.2
+    """Lower clip range of the importance ratio."""
+    epsilon_high: float | None = None
+    """Upper clip range (DAPO clip-higher: 0.28); default equals epsilon."""
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "dapo"
+    """Loss aggregation (see ALGORITHMS.md section 2)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage scaling: group std, batch std, or none (Dr. GRPO)."""
+    num_iterations: int = 1
+    """Optimizer passes over each generated batch; > 1 computes old log-probs once."""
+    mask_truncated_completions: bool = False
+    """Give truncated completions zero loss (DAPO overlong filtering)."""
+    reward_functions: list[RewardFunctionConfig] = Field(default_factory=lambda: [RewardFunctionConfig(name="seed")])
+    """Rewards summed with their weights."""
+    reward_errors: Literal["raise", "none"] = "raise"
+    """What a reward function that raises does: stop training with its name, or score
+    the batch None for that function (counted in the logs)."""
+    reference_adapter: str | None = None
+    """Reference policy: null = the base model (adapter disabled, no second model), or a
+    path to an existing adapter loaded as the frozen reference."""
+    log_completions_every_n_steps: int = 10
+    """Write sample completions as text to TensorBoard every N steps."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GRPOSettings":
+        problems = []
+        if self.num_generations < 2:
+            problems.append(f"algorithm.grpo.num_generations: must be >= 2 to compare completions (got {self.num_generations})")
+        if self.prompts_per_step < 1:
+            problems.append("algorithm.grpo.prompts_per_step: must be >= 1")
+        total = self.num_generations * self.prompts_per_step
+        if self.micro_batch_size is not None and (self.micro_batch_size <= 0 or total % self.micro_batch_size):
+            problems.append(
+                f"algorithm.grpo.micro_batch_size: {self.micro_batch_size} must divide prompts_per_step x num_generations = {total}"
+            )
+        if self.max_new_tokens <= 0:
+            problems.append(f"algorithm.grpo.max_new_tokens: must be > 0 (got {self.max_new_tokens})")
+        if self.temperature <= 0:
+            problems.append("algorithm.grpo.temperature: must be > 0 (GRPO needs different samples per group)")
+        if not 0 < self.top_p <= 1:
+            problems.append("algorithm.grpo.top_p: must be in (0, 1]")
+        if self.num_iterations < 1:
+            problems.append("algorithm.grpo.num_iterations: must be >= 1")
+        if not self.reward_functions:
+            problems.append("algorithm.grpo.reward_functions: list at least one reward")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class AlgorithmConfig(StrictModel):
-    name: Literal["sft"] = "sft"
-    """Training algorithm. Later releases add grpo, luffy, exgrpo and search_r1."""
+    name: Literal["sft", "grpo"] = "sft"
+    """Training algorithm: sft (supervised) or grpo (reinforcement learning with rewards)."""
+    grpo: GRPOSettings = Field(default_factory=GRPOSettings)
+    """GRPO settings (used when name is grpo)."""
 
 
 class BrainforgeConfig(StrictModel):

@@ -1,0 +1,1 @@
+"""Sampling completions for RL: one batched engine for every algorithm."""

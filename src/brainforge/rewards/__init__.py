@@ -1,0 +1,1 @@
+"""Reward functions: plain callables `(prompts, completions, **kwargs) -> list[float | None]`."""

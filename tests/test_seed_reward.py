@@ -1,0 +1,71 @@
+"""The seed's reward decision tree, every branch against hand-computed values."""
+
+import pytest
+
+from brainforge.rewards.seed import chat_score, coding_score, detect_task, function_calling_score, keyword_overlap, seed_reward
+from brainforge.rewards.tools import register_tool
+
+GOOD_CODE = '''```python
+def square(x: float) -> float:
+    """Return the square of x."""
+    return x * x
+```'''
+
+
+@pytest.mark.parametrize("prompt, task", [
+    ("Write Python to sort a list", "coding"),
+    ("Fix this code please", "coding"),
+    ("Use a tool to get the weather", "function_calling"),
+    ("Reply with a function_call", "function_calling"),
+    ("Tell me about Paris", "chat"),
+])
+def test_task_detection(prompt, task):
+    assert detect_task(prompt) == task
+
+
+def test_coding_branch_values():
+    # valid +0.3, docstring +0.1, hints +0.1, length 50-2000 +0.1
+    assert coding_score("", GOOD_CODE) == pytest.approx(0.6)
+    # valid +0.3, no docstring, no hints, 26 chars (neither band)
+    assert coding_score("", "def f(x):\n    return x * 2") == pytest.approx(0.3)
+    # invalid -0.3, 12 chars < 20: -0.2
+    assert coding_score("", "def f(:\n  x") == pytest.approx(-0.5)
+    # invalid -0.3, long enough +0.1
+    assert coding_score("", "def broken(:\n" + "    x = 1\n" * 10) == pytest.approx(-0.2)
+
+
+def test_function_calling_branch_values():
+    call = '<function_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</function_call>'
+    assert function_calling_score("", call) == pytest.approx(0.7)          # +0.3 +0.2 +0.2
+    unknown = '<function_call>{"name": "teleport", "arguments": {}}</function_call>'
+    assert function_calling_score("", unknown) == pytest.approx(0.3)       # +0.3 +0.2 -0.2
+    no_args = '{"name": "calculator"}'
+    assert function_calling_score("", no_args) == pytest.approx(0.5)       # +0.3 +0.2 (exists)
+    assert function_calling_score("", "<function_call>{oops}</function_call>") == pytest.approx(-0.3)
+    assert function_calling_score("", "no call at all") == pytest.approx(-0.3)
+
+
+def test_tool_registry_and_prompt_tools_count_as_existing():
+    call = '<function_call>{"name": "book_flight", "arguments": {}}</function_call>'
+    prompt_with_tools = 'Tools: [{"name": "book_flight", "description": "Book a flight"}]'
+    assert function_calling_score(prompt_with_tools, call) == pytest.approx(0.7)
+    register_tool("lookup_order", "Find an order by id")
+    assert function_calling_score("", call.replace("book_flight", "lookup_order")) == pytest.approx(0.7)
+
+
+def test_chat_branch_values():
+    prompt = "Tell me about Paris"   # keywords: tell, paris
+    answer = "Paris is the capital of France, known for its museums, cafes and the Eiffel Tower."
+    # > 50 chars +0.1, unique ratio 15/15 > 0.7 +0.2, overlap 1/2 (paris) -> +0.1
+    assert keyword_overlap(prompt, answer) == pytest.approx(0.5)
+    assert chat_score(prompt, answer) == pytest.approx(0.4)
+    # < 10 chars -0.5, unique 1.0 +0.2, no overlap
+    assert chat_score(prompt, "Okay.") == pytest.approx(-0.3)
+    # repetitive: 60 chars +0.1, unique ratio 1/12 < 0.3 -0.3
+    assert chat_score("hello", "spam " * 12) == pytest.approx(-0.2)
+
+
+def test_seed_reward_routes_and_clamps():
+    rewards = seed_reward(["Write python code", "Use a tool", "Hi"], [GOOD_CODE, "nothing", "Okay."])
+    assert rewards == pytest.approx([0.6, -0.3, -0.3])
+    assert all(-1 <= r <= 1 for r in seed_reward(["x"], ["a" * 5]))
