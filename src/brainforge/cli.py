@@ -177,6 +177,30 @@ def merge(
     typer.echo(f"merged model: {out_dir} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
+@app.command("eval")
+def eval_command(
+    config: Path = ConfigArg,
+    adapter: Optional[Path] = AdapterOpt,
+    set_: Optional[List[str]] = SetOpt,
+    k: int = typer.Option(4, "--k", help="Samples per prompt for pass@k (0 skips sampling)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N held-out prompts."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the results as JSON here."),
+) -> None:
+    """Held-out accuracy (greedy) and pass@k (sampled) for the base model and base + adapter."""
+    import json
+
+    from brainforge.config import load_config
+    from brainforge.evaluation import run_eval
+
+    cfg = load_config(config, set_)
+    results = run_eval(cfg, adapter, k, limit)
+    for result in results:
+        typer.echo(f"{result.model:60} greedy accuracy {result.greedy_accuracy:.3f}   pass@{result.k} {result.pass_at_k:.3f}   "
+                   f"({result.prompts} prompts, {result.seconds:.0f}s)")
+    if output:
+        output.write_text(json.dumps([r.as_dict() for r in results], indent=2))
+
+
 @app.command()
 def doctor() -> None:
     """Versions, CPU features (AMX/bf16), GPU, default model and embedder packages."""

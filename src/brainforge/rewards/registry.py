@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-from brainforge.errors import ConfigError
+from brainforge.errors import BrainforgeError, ConfigError
 
 RewardFunction = Callable[..., list]
 
@@ -70,5 +70,5 @@ def call_reward(name: str, function: RewardFunction, prompts: list[str], complet
     return out
 
 
-class RewardError(Exception):
+class RewardError(BrainforgeError):
     """A reward function raised; the trainer decides whether that stops training."""

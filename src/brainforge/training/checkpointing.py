@@ -54,6 +54,13 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def keep_trainable_state(model: Any, checkpoint: dict[str, Any]) -> None:
+    """Strip frozen base weights from a Lightning checkpoint: they are reloaded from the
+    base model on resume, and would make every checkpoint as large as the model."""
+    trainable = {f"model.{n}" for n, p in model.named_parameters() if p.requires_grad}
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     pointer = checkpoints_dir / LATEST
     if not pointer.exists():

@@ -56,6 +56,11 @@ def _train(config: BrainforgeConfig, config_path: Path, resume: bool) -> Path:
         raise BrainforgeError(f"--resume: {run_dir} has no complete checkpoint to resume from")
 
     model, tokenizer = load_policy(config)
+    if config.algorithm.name == "grpo":
+        from brainforge.training.grpo_run import run_grpo
+
+        return run_grpo(config, run_dir, checkpoint, model, tokenizer)
+
     data = prepare_sft_data(config, tokenizer)
     datamodule = SFTDataModule(data, config, pad_id=tokenizer.pad_token_id)
     total_steps = planned_steps(config, len(datamodule.train_items))

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from brainforge.config import TrainingConfig
+from brainforge.training.checkpointing import keep_trainable_state
 from brainforge.training.losses import sum_token_nll
 
 
@@ -116,8 +117,7 @@ class LLMTrainingAgent(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable weights: the frozen base is reloaded from its source."""
-        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable_state(self.model, checkpoint)
         checkpoint["brainforge"] = {"trained_tokens": self.trained_tokens, "loss_history": self.loss_history}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,0 +1,320 @@
+"""GRPO as a LightningModule: sample K completions per prompt, score them, compare them
+within their group, and push the policy toward the better ones.
+
+One training step reads top to bottom:
+    1. generate      K completions for each of the B prompts (one batched call)
+    2. score         every reward function; weighted sum per completion
+    3. advantages    group-normalised (rewards minus the group mean, optionally / std)
+    4. reference     log-probs with the LoRA adapter disabled (same weights, no 2nd model)
+    5. loss          clipped surrogate + beta * k3 KL, aggregated per `loss_type`, in
+                     micro-batches sized independently of the generation batch
+    6. update        clip, optimizer step, LR schedule; log everything
+
+Why the logged loss sits near 0 at the start: with one update per generation the ratio is
+exactly 1, the advantages of each group sum to 0, and (with `grpo` aggregation) the loss
+value is the mean of +A and -A terms, i.e. ~0, plus beta*KL, which is 0 while the adapter is
+still at its zero initialisation. The gradient is not zero: it is -A * grad log pi per
+token. Watch reward, KL and clip fraction, not the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from typing import Any
+
+import lightning as L
+import torch
+
+from brainforge.config import GRPOSettings, TrainingConfig
+from brainforge.data.prompts import PromptExample
+from brainforge.generation.engine import GenerationEngine, Rollout, SamplingParams
+from brainforge.rewards.registry import RewardError, call_reward, resolve_reward
+from brainforge.rl.advantages import group_advantages, zero_std_fraction
+from brainforge.rl.losses import GRPOLossConfig, grpo_loss
+from brainforge.training.checkpointing import keep_trainable_state
+from brainforge.training.losses import decoder_and_head
+from brainforge.training.sft import lr_lambda, warmup_steps
+
+log = logging.getLogger(__name__)
+
+
+class GRPOModule(L.LightningModule):
+    def __init__(self, model: Any, tokenizer: Any, chat_template: str, settings: GRPOSettings, training: TrainingConfig, total_steps: int):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.settings = settings
+        self.training_cfg = training
+        self.total_steps = total_steps
+        self.automatic_optimization = False
+        self.strict_loading = False
+        self.engine = GenerationEngine(model, tokenizer, stop_token_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else [])
+        self.sampling = SamplingParams(
+            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+            stop_strings=tuple(settings.stop_strings),
+        )
+        self.loss_config = GRPOLossConfig(
+            epsilon_low=settings.epsilon, epsilon_high=settings.epsilon_high if settings.epsilon_high is not None else settings.epsilon,
+            beta=settings.beta, loss_type=settings.loss_type, max_completion_length=settings.max_new_tokens,
+        )
+        self.rewards = [(spec.name, resolve_reward(spec.name), spec.weight, dict(spec.kwargs)) for spec in settings.reward_functions]
+        self.history: list[dict[str, float]] = []
+        self._zero_signal_streak = 0
+        self._reward_window: deque[float] = deque(maxlen=20)
+
+    # ------------------------------------------------------------------ the step
+
+    def training_step(self, prompts: list[PromptExample], batch_idx: int) -> torch.Tensor:
+        K = self.settings.num_generations
+        timings: dict[str, float] = {}
+
+        clock = time.perf_counter()
+        prompt_ids = [self.encode_prompt(p) for p in prompts]
+        rollout = self.engine.generate(prompt_ids, K, self.sampling)
+        timings["generation"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        rewards, per_function = self.score(prompts, rollout)                               # [N], {name: [N]}
+        advantages = group_advantages(rewards, K, self.settings.scale_rewards)             # [N]
+        mask = rollout.completion_mask.float()                                             # [N, T]
+        if self.settings.mask_truncated_completions:
+            mask = mask * (~rollout.truncated).float()[:, None]
+        timings["rewards"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        old_logps = self.completion_logps(rollout, grad=False)[0] if self.settings.num_iterations > 1 else None
+        ref_logps = self.reference_logps(rollout) if self.settings.beta > 0 else None
+        timings["reference"] = time.perf_counter() - clock
+
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        rows = rollout.completion_ids.shape[0]
+        micro = self.settings.micro_batch_size or rows
+        active_tokens = float(mask.sum())
+        step_loss, stats_sum, entropy_sum = 0.0, {"clip_fraction": 0.0, "kl": 0.0}, 0.0
+        timings["loss"] = timings["optimizer"] = 0.0
+        for _ in range(self.settings.num_iterations):
+            clock = time.perf_counter()
+            for start in range(0, rows, micro):
+                part = slice(start, start + micro)
+                logps, entropy = self.completion_logps(rollout, rows=part, grad=True)
+                loss, stats = grpo_loss(
+                    logps, advantages[part], mask[part], self.loss_config,
+                    old_logps=old_logps[part] if old_logps is not None else None,
+                    ref_logps=ref_logps[part] if ref_logps is not None else None,
+                    active_tokens_global=active_tokens,
+                )
+                # dapo divides by the whole step's tokens already; the others average over rows.
+                share = 1.0 if self.settings.loss_type == "dapo" else (min(start + micro, rows) - start) / rows
+                self.manual_backward(loss * share)
+                step_loss += loss.detach().item() * share
+                for key in stats_sum:
+                    stats_sum[key] += stats[key] * share
+                entropy_sum += float((entropy * mask[part]).sum())
+            timings["loss"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            if self.training_cfg.max_grad_norm is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=self.training_cfg.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            timings["optimizer"] += time.perf_counter() - clock
+
+        iterations = self.settings.num_iterations
+        metrics = self.step_metrics(rollout, rewards, per_function, advantages, mask, timings)
+        metrics.update(
+            loss=step_loss / iterations,
+            clip_fraction=stats_sum["clip_fraction"] / iterations,
+            kl=stats_sum["kl"] / iterations,
+            entropy=entropy_sum / max(active_tokens, 1.0) / iterations,
+        )
+        self.record(metrics, prompts, rollout, rewards)
+        return torch.tensor(step_loss / iterations)
+
+    # ------------------------------------------------------------------ pieces
+
+    def encode_prompt(self, prompt: PromptExample) -> list[int]:
+        text = self.tokenizer.apply_chat_template(prompt.messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def score(self, prompts: list[PromptExample], rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted sum of all reward functions; NaN where every function returned None."""
+        K = self.settings.num_generations
+        prompt_texts = [p.text for p in prompts for _ in range(K)]
+        keys = sorted({k for p in prompts for k in p.columns})
+        columns = {k: [p.columns.get(k) for p in prompts for _ in range(K)] for k in keys}
+        total = torch.zeros(len(rollout.texts))
+        seen = torch.zeros(len(rollout.texts), dtype=torch.bool)
+        per_function: dict[str, torch.Tensor] = {}
+        for name, function, weight, kwargs in self.rewards:
+            try:
+                values = call_reward(name, function, prompt_texts, rollout.texts, columns, kwargs)
+            except RewardError:
+                if self.settings.reward_errors == "raise":
+                    raise
+                log.warning("reward %s raised; its scores for this batch are None", name, exc_info=True)
+                values = [None] * len(rollout.texts)
+            tensor = torch.tensor([math.nan if v is None else v for v in values])
+            per_function[name] = tensor
+            present = ~torch.isnan(tensor)
+            total[present] += weight * tensor[present]
+            seen |= present
+        total[~seen] = math.nan
+        return total, per_function
+
+    def completion_logps(self, rollout: Rollout, rows: slice | None = None, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs [n, T] of the sampled completion tokens at the sampling temperature,
+        and per-token entropies (detached). Prompts are left-padded so every completion
+        starts at the same column and the head runs on completion positions only."""
+        rows = rows or slice(0, rollout.completion_ids.shape[0])
+        prompts = rollout.prompt_ids[rows]
+        completion = rollout.completion_ids[rows]                                          # [n, T]
+        completion_mask = rollout.completion_mask[rows]                                    # [n, T]
+        n, T = completion.shape
+        P = max(len(p) for p in prompts)
+        device = self.device
+        ids = torch.full((n, P + T), self.engine.pad_id, dtype=torch.long)
+        attention = torch.zeros((n, P + T), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, P - len(prompt) : P] = torch.tensor(prompt)
+            attention[i, P - len(prompt) : P] = 1
+        ids[:, P:] = completion
+        attention[:, P:] = completion_mask
+        ids, attention = ids.to(device), attention.to(device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        decoder, head = decoder_and_head(self.model)
+        with torch.set_grad_enabled(grad):
+            hidden = decoder(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
+            logits = head(hidden[:, P - 1 : P + T - 1]).float() / self.settings.temperature  # [n, T, V]
+            logp_all = torch.log_softmax(logits, dim=-1)
+            logps = logp_all.gather(2, completion.to(device)[..., None]).squeeze(2)         # [n, T]
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)                                 # [n, T]
+        return logps, entropy.detach()
+
+    @torch.no_grad()
+    def reference_logps(self, rollout: Rollout) -> torch.Tensor:
+        """The reference policy: base weights with the adapter disabled, or a frozen
+        reference adapter when `reference_adapter` is set."""
+        micro = self.settings.micro_batch_size or rollout.completion_ids.shape[0]
+        parts = []
+        for start in range(0, rollout.completion_ids.shape[0], micro):
+            part = slice(start, start + micro)
+            if self.settings.reference_adapter:
+                self.model.set_adapter("reference")
+                try:
+                    parts.append(self.completion_logps(rollout, part, grad=False)[0])
+                finally:
+                    self.model.set_adapter("default")
+            else:
+                with self.model.disable_adapter():
+                    parts.append(self.completion_logps(rollout, part, grad=False)[0])
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ logging
+
+    def step_metrics(self, rollout: Rollout, rewards: torch.Tensor, per_function: dict[str, torch.Tensor],
+                     advantages: torch.Tensor, mask: torch.Tensor, timings: dict[str, float]) -> dict[str, float]:
+        K = self.settings.num_generations
+        valid = rewards[~torch.isnan(rewards)]
+        lengths = rollout.lengths.float()
+        metrics = {
+            "reward/mean": float(valid.mean()) if len(valid) else math.nan,
+            "reward/std": float(valid.std()) if len(valid) > 1 else 0.0,
+            "frac_reward_zero_std": zero_std_fraction(torch.nan_to_num(rewards, nan=0.0), K),
+            "advantage/mean": float(advantages.mean()),
+            "advantage/std": float(advantages.std()),
+            "advantage/abs_mean": float(advantages.abs().mean()),
+            "completion/length_mean": float(lengths.mean()),
+            "completion/length_max": float(lengths.max()),
+            "completion/truncated_frac": float(rollout.truncated.float().mean()),
+            "completion/repetition": float(sum(_repetition(t) for t in rollout.texts) / len(rollout.texts)),
+            "tokens_per_s/generation": rollout.stats["completion_tokens"] / max(timings["generation"], 1e-9),
+        }
+        for name, values in per_function.items():
+            present = values[~torch.isnan(values)]
+            metrics[f"reward/{name}/mean"] = float(present.mean()) if len(present) else math.nan
+            metrics[f"reward/{name}/none_frac"] = float(torch.isnan(values).float().mean())
+        total_time = sum(timings.values())
+        metrics["tokens_per_s/step"] = rollout.stats["completion_tokens"] / max(total_time, 1e-9)
+        for key, seconds in timings.items():
+            metrics[f"time/{key}_s"] = seconds
+        metrics["time/step_s"] = total_time
+        return metrics
+
+    def record(self, metrics: dict[str, float], prompts: list[PromptExample], rollout: Rollout, rewards: torch.Tensor) -> None:
+        for key, value in metrics.items():
+            if not math.isnan(value):
+                name = f"grpo/{key}" if key in ("loss", "kl", "clip_fraction", "entropy") else key
+                self.log(name, value, on_step=True, on_epoch=False, prog_bar=key in ("reward/mean", "kl"))
+        self.history.append({"step": float(self.global_step), **metrics})
+        step = self.global_step
+        every = self.settings.log_completions_every_n_steps
+        if step % every == 0 or step == 1:
+            self._log_completions(prompts, rollout, rewards, step)
+        self._warn(metrics)
+
+    def _log_completions(self, prompts: list[PromptExample], rollout: Rollout, rewards: torch.Tensor, step: int) -> None:
+        K = self.settings.num_generations
+        lines = []
+        for i in range(min(len(rollout.texts), 2 * K)):
+            lines.append(f"**prompt** {prompts[i // K].text[:300]}\n\n**completion** (reward {float(rewards[i]):.3f}) {rollout.texts[i][:600]}\n\n---")
+        text = "\n".join(lines)
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                experiment.add_text("completions", text, global_step=step)
+        log.debug("step %d completions:\n%s", step, text)
+
+    def _warn(self, metrics: dict[str, float]) -> None:
+        if metrics["frac_reward_zero_std"] >= 0.75:
+            self._zero_signal_streak += 1
+            if self._zero_signal_streak == 5:
+                log.warning(
+                    "for 5 steps most groups (%.0f%%) had identical rewards for all completions: they carry no learning "
+                    "signal. Make the task easier or the reward more graded (partial credit), or raise num_generations.",
+                    100 * metrics["frac_reward_zero_std"],
+                )
+        else:
+            self._zero_signal_streak = 0
+        if metrics.get("entropy", 1.0) < 0.05:
+            log.warning("policy entropy collapsed to %.3f: completions are nearly deterministic; lower the learning rate or raise beta", metrics["entropy"])
+        reward = metrics["reward/mean"]
+        if not math.isnan(reward):
+            self._reward_window.append(reward)
+        window = list(self._reward_window)
+        if len(window) == self._reward_window.maxlen:
+            rising = sum(window[-5:]) / 5 > sum(window[:5]) / 5 + 0.1
+            degenerate = metrics["completion/repetition"] > 0.5 or metrics["completion/truncated_frac"] > 0.5
+            if rising and degenerate:
+                log.warning(
+                    "reward is rising while completions degenerate (repetition %.2f, truncated %.0f%%): the policy may be "
+                    "gaming the reward; read the sample completions in TensorBoard",
+                    metrics["completion/repetition"], 100 * metrics["completion/truncated_frac"],
+                )
+
+    # ------------------------------------------------------------------ optimizer & checkpoints
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.training_cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup_steps(cfg, self.total_steps), self.total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep_trainable_state(self.model, checkpoint)
+        checkpoint["brainforge"] = {"history": self.history}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = list(checkpoint.get("brainforge", {}).get("history", []))
+
+
+def _repetition(text: str) -> float:
+    """Share of repeated word 3-grams: 0 for varied text, near 1 for loops."""
+    words = text.split()
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0

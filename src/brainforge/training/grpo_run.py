@@ -1,0 +1,132 @@
+"""The GRPO recipe: prompts + rewards in, adapter + curves out.
+
+Adds to the run folder (see run.py): `reward_kl.png` (reward and KL per step) and GRPO
+figures in `metrics.json` (reward at the start and end, time per step by phase).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from brainforge.config import BrainforgeConfig, dump_config
+from brainforge.data.prompts import PromptExample, load_prompts
+from brainforge.data.templates import chat_format
+from brainforge.inference import ChatModel
+from brainforge.training.checkpointing import AdapterCheckpoint, write_adapter
+from brainforge.training.grpo import GRPOModule
+from brainforge.training.run import build_trainer, peak_rss_mb, write_samples
+
+log = logging.getLogger(__name__)
+
+
+class PromptDataModule(L.LightningDataModule):
+    def __init__(self, prompts: list[PromptExample], prompts_per_step: int, num_workers: int = 0):
+        super().__init__()
+        self.prompts = prompts
+        self.prompts_per_step = prompts_per_step
+        self.num_workers = num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.prompts, batch_size=self.prompts_per_step, shuffle=True, drop_last=True,
+                          collate_fn=list, num_workers=self.num_workers)
+
+
+def run_grpo(config: BrainforgeConfig, run_dir: Path, checkpoint: Path | None, model: Any, tokenizer: Any) -> Path:
+    settings = config.algorithm.grpo
+    fmt = chat_format(config.datasets.output_format, tokenizer)
+    prompts = load_prompts(config.sources(), config.data.system_prompt)
+    if len(prompts) < settings.prompts_per_step:
+        from brainforge.errors import DataError
+
+        raise DataError(f"only {len(prompts)} prompts for prompts_per_step={settings.prompts_per_step}; add prompts or lower algorithm.grpo.prompts_per_step")
+    if settings.reference_adapter:
+        model.load_adapter(settings.reference_adapter, adapter_name="reference", is_trainable=False)
+        model.set_adapter("default")
+    total_steps = planned_grpo_steps(config, len(prompts))
+    module = GRPOModule(model, tokenizer, fmt.template, settings, config.training, total_steps)
+    datamodule = PromptDataModule(prompts, settings.prompts_per_step, config.data.num_workers)
+    meta = {"model": config.model.name_or_path, "output_format": config.datasets.output_format, "algorithm": "grpo"}
+    checkpointer = AdapterCheckpoint(run_dir / "checkpoints", config.training.save_every_n_steps,
+                                     config.training.save_total_limit, tokenizer, fmt.template, meta)
+    trainer = build_trainer(config, run_dir, total_steps, checkpointer, has_val=False)
+    if trainer.is_global_zero:
+        dump_config(config, run_dir / "config.yaml")
+        log.info("run folder: %s (%d GRPO steps, %d prompts, %d completions per step)", run_dir, total_steps,
+                 len(prompts), settings.prompts_per_step * settings.num_generations)
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint / "trainer_state.ckpt") if checkpoint else None)
+    seconds = time.perf_counter() - started
+    if trainer.is_global_zero:
+        write_adapter(model, tokenizer, fmt.template, run_dir / "adapter", {**meta, "step": trainer.global_step})
+        write_samples(ChatModel(model, tokenizer), config, run_dir / "samples.jsonl")
+        plot_curves(module.history, run_dir / "reward_kl.png")
+        write_grpo_metrics(run_dir / "metrics.json", module.history, trainer.global_step, seconds)
+    return run_dir
+
+
+def planned_grpo_steps(config: BrainforgeConfig, num_prompts: int) -> int:
+    """Optimizer steps: max_steps, or epochs x batches x num_iterations."""
+    settings = config.algorithm.grpo
+    if config.training.max_steps is not None:
+        return config.training.max_steps
+    assert config.training.num_epochs is not None
+    return config.training.num_epochs * (num_prompts // settings.prompts_per_step) * settings.num_iterations
+
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    top.plot(steps, [h["reward/mean"] for h in history], label="reward (mean of the step)")
+    top.plot(steps, _moving_average([h["reward/mean"] for h in history], 10), label="reward, 10-step average")
+    top.set_ylabel("reward")
+    top.legend(loc="best")
+    bottom.plot(steps, [h["kl"] for h in history], color="tab:red")
+    bottom.set_ylabel("KL to reference")
+    bottom.set_xlabel("optimizer step")
+    figure.suptitle("GRPO training")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        chunk = [v for v in values[max(0, i - window + 1) : i + 1] if not math.isnan(v)]
+        out.append(sum(chunk) / len(chunk) if chunk else math.nan)
+    return out
+
+
+def write_grpo_metrics(path: Path, history: list[dict[str, float]], steps: int, seconds: float) -> None:
+    def mean(key: str, rows: list[dict[str, float]]) -> float | None:
+        values = [r[key] for r in rows if key in r and not math.isnan(r[key])]
+        return round(sum(values) / len(values), 4) if values else None
+
+    head, tail = history[:5], history[-5:]
+    metrics = {
+        "steps": steps,
+        "reward_first5_mean": mean("reward/mean", head),
+        "reward_last5_mean": mean("reward/mean", tail),
+        "kl_last5_mean": mean("kl", tail),
+        "completion_length_mean": mean("completion/length_mean", history),
+        "seconds_per_step": mean("time/step_s", history),
+        "seconds_per_step_by_phase": {k.removeprefix("time/").removesuffix("_s"): mean(k, history)
+                                      for k in ("time/generation_s", "time/rewards_s", "time/reference_s", "time/loss_s", "time/optimizer_s")},
+        "completion_tokens_per_s": mean("tokens_per_s/step", history),
+        "train_seconds": round(seconds, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    path.write_text(json.dumps(metrics, indent=2))
