@@ -94,3 +94,11 @@ def test_every_shipped_config_validates():
     assert configs, "no configs found"
     for path in configs:
         assert isinstance(load_config(path), BrainforgeConfig), path
+
+
+def test_prompt_sources_are_for_rl_only():
+    with pytest.raises(ConfigError, match="'prompt' sources have no answers to imitate"):
+        validate_config({"data": {"source": {"name": "reasoning_gym:basic_arithmetic", "type": "prompt"}}, "training": {"max_steps": 1}})
+    config = validate_config({"data": {"source": {"name": "reasoning_gym:basic_arithmetic", "type": "prompt"}},
+                              "training": {"max_steps": 1}, "algorithm": {"name": "grpo"}})
+    assert config.algorithm.grpo.num_generations == 4

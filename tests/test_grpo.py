@@ -113,3 +113,59 @@ def test_reference_is_the_base_model_with_adapter_disabled(tiny_model_dir, token
         logits = plain(ids).logits[0, len(rollout.prompt_ids[row]) - 1 : -1] / 0.8
         expected = torch.log_softmax(logits, -1).gather(1, completion[:, None]).squeeze(1)
         assert torch.allclose(module.reference_logps(rollout)[row][mask[row]], expected, atol=1e-4)
+
+
+def test_reference_can_be_a_given_adapter(tmp_path, tiny_model_dir, tokenizer):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from brainforge.config import GRPOSettings, LoraSettings, TrainingConfig
+    from brainforge.data.templates import chat_format
+    from brainforge.models.loader import attach_lora
+    from brainforge.training.grpo import GRPOModule
+
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    for name, param in reference.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    reference.save_pretrained(tmp_path / "ref")
+    expected_model = reference.eval()
+
+    policy = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSettings(r=4))
+    policy.load_adapter(str(tmp_path / "ref"), adapter_name="reference", is_trainable=False)
+    policy.set_adapter("default")
+    settings = GRPOSettings(num_generations=2, prompts_per_step=1, max_new_tokens=5, temperature=1.0,
+                            reward_functions=[{"name": "last_number"}], reference_adapter=str(tmp_path / "ref"))
+    module = GRPOModule(policy, tokenizer, chat_format("chatml", tokenizer).template, settings, TrainingConfig(max_steps=1), 1)
+    rollout = module.engine.generate([[5, 6, 7]], 2, module.sampling)
+    got = module.reference_logps(rollout)
+    row = 0
+    mask = rollout.completion_mask[row].bool()
+    completion = rollout.completion_ids[row][mask]
+    ids = torch.tensor([rollout.prompt_ids[row] + completion.tolist()])
+    logits = expected_model(ids).logits[0, 2:-1]
+    expected = torch.log_softmax(logits, -1).gather(1, completion[:, None]).squeeze(1)
+    assert torch.allclose(got[row][mask], expected, atol=1e-4)
+    # The trained adapter is still the active one, and only its weights train.
+    assert policy.active_adapter == "default"
+    assert all("reference" not in n for n, p in policy.named_parameters() if p.requires_grad)
+
+
+def test_warnings_for_no_signal_entropy_collapse_and_degeneration(caplog):
+    from collections import deque
+    from types import SimpleNamespace
+
+    from brainforge.training.grpo import GRPOModule
+
+    state = SimpleNamespace(_zero_signal_streak=0, _reward_window=deque(maxlen=20))
+    calm = {"frac_reward_zero_std": 0.0, "entropy": 1.0, "reward/mean": 0.1, "completion/repetition": 0.0, "completion/truncated_frac": 0.0}
+    with caplog.at_level("WARNING", logger="brainforge.training.grpo"):
+        for _ in range(5):
+            GRPOModule._warn(state, {**calm, "frac_reward_zero_std": 1.0})
+        assert "carry no learning signal" in caplog.text
+        GRPOModule._warn(state, {**calm, "entropy": 0.01})
+        assert "entropy collapsed" in caplog.text
+        assert "gaming the reward" not in caplog.text
+        for i in range(20):
+            GRPOModule._warn(state, {**calm, "reward/mean": i / 20, "completion/repetition": 0.8})
+        assert "gaming the reward" in caplog.text

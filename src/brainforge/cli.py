@@ -107,10 +107,27 @@ def data_preview(
 
     cfg = load_config(config, set_)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
+    if cfg.algorithm.name == "grpo":
+        _preview_prompts(cfg, tokenizer, count)
+        return
     for i, example in enumerate(preview(cfg, tokenizer, count)):
         typer.echo(f"--- example {i} from {example.source}: {example.num_tokens} tokens, {example.num_trained} trained")
         typer.echo(example.marked_text)
     typer.echo("--- every example trains at least one token and its end-of-turn token")
+
+
+def _preview_prompts(cfg, tokenizer, count: int) -> None:
+    """RL configs: the prompts as the policy will see them, and their reference columns."""
+    from brainforge.data.prompts import load_prompts
+    from brainforge.data.templates import chat_format
+
+    template = chat_format(cfg.datasets.output_format, tokenizer).template
+    prompts = load_prompts(cfg.sources(), cfg.data.system_prompt)
+    for i, prompt in enumerate(prompts[:count]):
+        rendered = tokenizer.apply_chat_template(prompt.messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+        columns = {k: (str(v)[:80] + "..." if len(str(v)) > 80 else v) for k, v in prompt.columns.items()}
+        typer.echo(f"--- prompt {i} of {len(prompts)}; reward columns: {columns}")
+        typer.echo(rendered)
 
 
 # ------------------------------------------------------------------------------ inference

@@ -344,6 +344,11 @@ class BrainforgeConfig(StrictModel):
                 "data.source: no dataset given; set data.source (e.g. {name: 'sample:chat'}) "
                 "or datasets.multi_source_enabled: true with datasets.sources"
             )
+        if self.algorithm.name == "sft":
+            for index, source in enumerate(self.sources() if not problems else []):
+                if source.type == "prompt":
+                    problems.append(f"{'datasets.sources.' + str(index) if self.datasets.multi_source_enabled else 'data.source'}.type: "
+                                    "'prompt' sources have no answers to imitate and are for RL (algorithm.name: grpo); use chat, coding, language or function_calling")
         t = self.training
         if t.num_epochs is None and t.max_steps is None:
             problems.append("training.max_steps: set training.max_steps or training.num_epochs")

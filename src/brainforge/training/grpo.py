@@ -35,7 +35,9 @@ from brainforge.rewards.registry import RewardError, call_reward, resolve_reward
 from brainforge.rl.advantages import group_advantages, zero_std_fraction
 from brainforge.rl.losses import GRPOLossConfig, grpo_loss
 from brainforge.training.checkpointing import keep_trainable_state
-from brainforge.training.losses import decoder_and_head
+from brainforge.data.collate import packed_collate
+from brainforge.data.templates import IGNORE_INDEX, TokenizedExample
+from brainforge.training.losses import decoder_and_head, packed_hidden_states
 from brainforge.training.sft import lr_lambda, warmup_steps
 
 log = logging.getLogger(__name__)
@@ -167,33 +169,39 @@ class GRPOModule(L.LightningModule):
 
     def completion_logps(self, rollout: Rollout, rows: slice | None = None, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs [n, T] of the sampled completion tokens at the sampling temperature,
-        and per-token entropies (detached). Prompts are left-padded so every completion
-        starts at the same column and the head runs on completion positions only."""
+        and per-token entropies (detached), 0 on padding.
+
+        Padding-free: each row's prompt and its *actual* completion are laid end to end in
+        one packed row (attention kept inside each, positions restarting), so no compute is
+        spent on the padding that right-pads short completions to the longest one (with a
+        64-token cap and 24-token completions that padding was most of the batch). The head
+        runs on completion positions only."""
         rows = rows or slice(0, rollout.completion_ids.shape[0])
         prompts = rollout.prompt_ids[rows]
         completion = rollout.completion_ids[rows]                                          # [n, T]
-        completion_mask = rollout.completion_mask[rows]                                    # [n, T]
+        lengths = rollout.completion_mask[rows].sum(dim=1).tolist()                        # [n]
         n, T = completion.shape
-        P = max(len(p) for p in prompts)
+        sequences = [p + completion[i, : lengths[i]].tolist() for i, p in enumerate(prompts)]
+        sequences = [TokenizedExample(ids, [IGNORE_INDEX] * len(ids)) for ids in sequences]
+        batch = packed_collate([sequences], self.engine.pad_id)                            # one row of sum(len) tokens
+        # Position predicting completion token t of row i: its offset + prompt length - 1 + t.
+        offsets = torch.tensor([0] + [len(s.input_ids) for s in sequences]).cumsum(0)[:-1]
+        row_index = torch.repeat_interleave(torch.arange(n), torch.tensor(lengths))         # [C]
+        token_index = torch.cat([torch.arange(c) for c in lengths])                          # [C]
+        source = offsets[row_index] + torch.tensor([len(p) for p in prompts])[row_index] - 1 + token_index
+        targets = completion[row_index, token_index]                                         # [C]
         device = self.device
-        ids = torch.full((n, P + T), self.engine.pad_id, dtype=torch.long)
-        attention = torch.zeros((n, P + T), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, P - len(prompt) : P] = torch.tensor(prompt)
-            attention[i, P - len(prompt) : P] = 1
-        ids[:, P:] = completion
-        attention[:, P:] = completion_mask
-        ids, attention = ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        decoder, head = decoder_and_head(self.model)
         with torch.set_grad_enabled(grad):
-            hidden = decoder(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
-            logits = head(hidden[:, P - 1 : P + T - 1]).float() / self.settings.temperature  # [n, T, V]
+            hidden = packed_hidden_states(self.model, batch, device)[0]                     # [sum(len), H]
+            _, head = decoder_and_head(self.model)
+            logits = head(hidden[source.to(device)]).float() / self.settings.temperature   # [C, V]
             logp_all = torch.log_softmax(logits, dim=-1)
-            logps = logp_all.gather(2, completion.to(device)[..., None]).squeeze(2)         # [n, T]
+            picked = logp_all.gather(1, targets.to(device)[:, None]).squeeze(1)            # [C]
+            logps = torch.zeros((n, T), device=device, dtype=picked.dtype).index_put((row_index.to(device), token_index.to(device)), picked)
         with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)                                 # [n, T]
-        return logps, entropy.detach()
+            entropy = torch.zeros((n, T), device=device)
+            entropy[row_index, token_index] = -(logp_all.exp() * logp_all).sum(-1)
+        return logps, entropy
 
     @torch.no_grad()
     def reference_logps(self, rollout: Rollout) -> torch.Tensor:

@@ -26,6 +26,18 @@ def decoder_and_head(model: Any) -> tuple[Any, Any]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def packed_hidden_states(model: Any, batch: dict[str, Any], device: torch.device | None = None) -> torch.Tensor:
+    """Final hidden states [B, T, H] of a packed/padding-free batch (see data.collate):
+    per-example attention through segment lengths when the model supports it, else the
+    equivalent block-diagonal mask."""
+    decoder, _ = decoder_and_head(model)
+    move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
+    inputs: dict[str, Any] = {"attention_mask": move(batch["attention_mask"])}
+    if uses_segment_attention(decoder):
+        inputs = {"segment_lengths": batch["segment_lengths"]}
+    return decoder(input_ids=move(batch["input_ids"]), position_ids=move(batch["position_ids"]), use_cache=False, **inputs).last_hidden_state
+
+
 def sum_token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood of the labelled tokens, and their count."""
     decoder, head = decoder_and_head(model)
