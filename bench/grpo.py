@@ -21,9 +21,10 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
+
+from _child import emit, run_worker
 
 
 def parse_args() -> argparse.Namespace:
@@ -160,7 +161,7 @@ def main() -> None:
 
         logging.basicConfig(level=logging.WARNING)
         result = run_trl(args) if args.worker == "trl" else run_brainforge(args)
-        print("RESULT " + json.dumps(result), flush=True)
+        emit(result)
         return
     from brainforge.models.gguf import ensure_default_model
 
@@ -170,12 +171,10 @@ def main() -> None:
         "beta": args.beta, "lora_r": args.rank, "threads": args.threads, "dtype": args.dtype}}
     results = {}
     for worker in [t for t in args.tools.split(",") if t]:
-        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", worker], capture_output=True, text=True)
-        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if done.returncode != 0 or line is None:
-            print(json.dumps({"tool": worker, "error": done.stderr[-1500:]}))
+        measured = run_worker(__file__, sys.argv[1:], worker)
+        if measured is None:
             continue
-        results[worker] = {**json.loads(line[len("RESULT "):]), **context}
+        results[worker] = {**measured, **context}
         print(json.dumps(results[worker]), flush=True)
     if "brainforge" in results and "trl" in results:
         ours, theirs = results["brainforge"], results["trl"]

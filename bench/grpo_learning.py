@@ -19,10 +19,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
+
+from _child import emit, run_worker
 from pathlib import Path
 
 TASK_OPTIONS = {"size": 3000, "eval_size": 100, "seed": 0, "min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2,
@@ -165,7 +165,7 @@ def main() -> None:
             train = train_trl if args.worker == "trl" else train_brainforge
             result = train(args.budget_minutes * 60, out)
             result["accuracy_after"] = held_out_accuracy(out / "adapter")
-        print("RESULT " + json.dumps(result), flush=True)
+        emit(result)
         return
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="brainforge-grpo-learning-"))
@@ -173,13 +173,7 @@ def main() -> None:
                "budget_minutes": args.budget_minutes, "settings": SETTINGS, "held_out": TASK_OPTIONS["eval_size"]}
 
     def child(worker: str) -> dict | None:
-        done = subprocess.run([sys.executable, __file__, "--budget-minutes", str(args.budget_minutes), "--worker", worker,
-                               "--out", str(workdir / worker)], capture_output=True, text=True)
-        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if done.returncode != 0 or line is None:
-            print(json.dumps({"tool": worker, "error": done.stderr[-1500:]}), flush=True)
-            return None
-        return json.loads(line[len("RESULT "):])
+        return run_worker(__file__, ["--budget-minutes", str(args.budget_minutes), "--out", str(workdir / worker)], worker)
 
     base = child("base")
     before = base["accuracy"] if base else None

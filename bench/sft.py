@@ -18,9 +18,10 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
+
+from _child import emit, run_worker
 
 SOURCES = [
     {"name": "sample:chat", "type": "chat", "weight": 0.5},
@@ -204,7 +205,7 @@ def main() -> None:
 
         logging.basicConfig(level=logging.WARNING)
         result = run_trl(args) if args.worker == "trl" else run_brainforge(args, args.worker)
-        print("RESULT " + json.dumps(result), flush=True)
+        emit(result)
         return
 
     from brainforge.models.gguf import ensure_default_model
@@ -216,13 +217,10 @@ def main() -> None:
     machine = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
     results: dict[str, dict] = {}
     for worker in workers:
-        command = [sys.executable, __file__, *sys.argv[1:], "--worker", worker]
-        done = subprocess.run(command, capture_output=True, text=True)
-        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if done.returncode != 0 or line is None:
-            print(json.dumps({"tool": worker, "error": done.stderr[-1500:]}))
+        measured = run_worker(__file__, sys.argv[1:], worker)
+        if measured is None:
             continue
-        result = {**json.loads(line[len("RESULT "):]), **machine, "settings": {
+        result = {**measured, **machine, "settings": {
             "steps": args.steps, "warmup": args.warmup, "batch": args.batch, "max_length": args.max_length,
             "lora_r": args.rank, "threads": args.threads}}
         results[worker] = result

@@ -1,6 +1,5 @@
 """Bad input through the CLI: one clear line, exit 2, no traceback. Plus model loading paths."""
 
-import json
 import os
 import subprocess
 import sys

@@ -4,7 +4,6 @@ import os
 import time
 from pathlib import Path
 
-import pytest
 
 from brainforge.rewards.code_execution import build_program, code_execution
 from brainforge.rewards.sandbox import SandboxLimits, run_python

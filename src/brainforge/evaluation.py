@@ -51,7 +51,7 @@ def evaluate(model: Any, tokenizer: Any, config: BrainforgeConfig, prompts: list
              k: int = 4, batch_size: int = 16, success_threshold: float = 1.0) -> EvalResult:
     settings = config.algorithm.grpo
     template = chat_format(config.datasets.output_format, tokenizer).template
-    engine = GenerationEngine(model, tokenizer, stop_token_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else [])
+    engine = GenerationEngine.for_chat(model, tokenizer)
     spec = settings.reward_functions[0]
     reward = resolve_reward(spec.name)
     started = time.perf_counter()

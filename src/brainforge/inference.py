@@ -15,6 +15,7 @@ import torch
 
 from brainforge.config import ModelConfig
 from brainforge.errors import ModelError
+from brainforge.generation.engine import chat_stop_ids
 from brainforge.hardware import resolve_dtype
 from brainforge.models.loader import adapter_base_model, load_adapter, load_base_model, load_tokenizer, resolve_model_path
 
@@ -48,7 +49,7 @@ class ChatModel:
                 **encoded,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=_stop_ids(self.tokenizer),
+                eos_token_id=chat_stop_ids(self.tokenizer),
                 use_cache=True,
                 **sampling,
             )
@@ -61,14 +62,6 @@ def _as_messages(prompt: str | list[dict[str, str]], system_prompt: str | None) 
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
-
-
-def _stop_ids(tokenizer: Any) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    im_end = tokenizer.get_vocab().get("<|im_end|>")
-    if im_end is not None:
-        ids.add(im_end)
-    return sorted(i for i in ids if i is not None)
 
 
 def load_chat_model(

@@ -101,7 +101,6 @@ class SFTDataModule(L.LightningDataModule):
         return self.config.training.per_device_batch_size * self.config.training.gradient_accumulation_steps
 
     def train_dataloader(self) -> DataLoader:
-        training = self.config.training
         return DataLoader(
             self.train_items,
             batch_size=self.examples_per_step,

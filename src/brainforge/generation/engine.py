@@ -62,7 +62,19 @@ class Rollout:
         return self.completion_mask.sum(dim=1)
 
 
+def chat_stop_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn: EOS, and ChatML's <|im_end|> when the
+    vocabulary has it (for SmolLM2 they are the same token; for other models not)."""
+    ids = {tokenizer.eos_token_id, tokenizer.get_vocab().get("<|im_end|>")}
+    return sorted(i for i in ids if i is not None)
+
+
 class GenerationEngine:
+    @classmethod
+    def for_chat(cls, model: Any, tokenizer: Any) -> "GenerationEngine":
+        """An engine that stops completions at the end of the assistant turn."""
+        return cls(model, tokenizer, stop_token_ids=chat_stop_ids(tokenizer))
+
     def __init__(self, model: Any, tokenizer: Any, stop_token_ids: list[int] | None = None):
         self.model = model
         self.tokenizer = tokenizer

@@ -95,7 +95,7 @@ def attach_lora(
     gradient_checkpointing: bool = False,
 ) -> Any:
     """Wrap the base in a PEFT model: a fresh adapter, or an existing one to continue."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

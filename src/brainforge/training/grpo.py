@@ -54,7 +54,7 @@ class GRPOModule(L.LightningModule):
         self.total_steps = total_steps
         self.automatic_optimization = False
         self.strict_loading = False
-        self.engine = GenerationEngine(model, tokenizer, stop_token_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else [])
+        self.engine = GenerationEngine.for_chat(model, tokenizer)
         self.sampling = SamplingParams(
             max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
             stop_strings=tuple(settings.stop_strings),

@@ -1,0 +1,26 @@
+"""Shared by the bench scripts: run one tool in a child process and read its result.
+
+A worker prints one line `RESULT {json}`; anything else it prints is ignored. On failure
+the error is printed as a JSON line (so a bench run still reports what it measured for the
+other tools) and None is returned."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+PREFIX = "RESULT "
+
+
+def emit(result: dict) -> None:
+    print(PREFIX + json.dumps(result), flush=True)
+
+
+def run_worker(script: str, arguments: list[str], worker: str) -> dict | None:
+    done = subprocess.run([sys.executable, script, *arguments, "--worker", worker], capture_output=True, text=True)
+    line = next((l for l in done.stdout.splitlines() if l.startswith(PREFIX)), None)
+    if done.returncode != 0 or line is None:
+        print(json.dumps({"tool": worker, "error": done.stderr[-1500:]}), flush=True)
+        return None
+    return json.loads(line[len(PREFIX):])
