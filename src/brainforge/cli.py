@@ -231,6 +231,16 @@ def doctor() -> None:
         raise BrainforgeError("some required parts are missing (marked XX above)")
 
 
+# ------------------------------------------------------------------------------ memory
+
+from brainforge import memory_cli  # noqa: E402  (only typer functions; heavy imports happen inside them)
+
+app.command()(memory_cli.ingest)
+app.command()(memory_cli.search)
+app.command()(memory_cli.ask)
+app.add_typer(memory_cli.sop_app, name="sop")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

