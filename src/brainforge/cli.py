@@ -118,15 +118,15 @@ def data_preview(
 
 def _preview_prompts(cfg, tokenizer, count: int) -> None:
     """RL configs: the prompts as the policy will see them, and their reference columns."""
-    from brainforge.data.prompts import load_prompts
     from brainforge.data.templates import chat_format
+    from brainforge.training.grpo_run import training_prompts
 
     template = chat_format(cfg.datasets.output_format, tokenizer).template
-    prompts = load_prompts(cfg.sources(), cfg.data.system_prompt)
-    for i, prompt in enumerate(prompts[:count]):
+    prompts = training_prompts(cfg, limit=count)
+    for i, prompt in enumerate(prompts):
         rendered = tokenizer.apply_chat_template(prompt.messages, chat_template=template, tokenize=False, add_generation_prompt=True)
         columns = {k: (str(v)[:80] + "..." if len(str(v)) > 80 else v) for k, v in prompt.columns.items()}
-        typer.echo(f"--- prompt {i} of {len(prompts)}; reward columns: {columns}")
+        typer.echo(f"--- prompt {i}; reward columns: {columns}")
         typer.echo(rendered)
 
 

@@ -395,8 +395,9 @@ class RetrievalConfig(StrictModel):
 class RouterConfig(StrictModel):
     knowledge_threshold: float = Field(0.5, ge=0.0, le=1.0)
     """Retrieve context when the knowledge score reaches this."""
-    procedure_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    """Add an SOP when the best SOP's match score reaches this."""
+    procedure_threshold: float = Field(0.4, ge=0.0, le=1.0)
+    """Add an SOP when the best SOP's match score reaches this (one keyword plus a loosely
+    similar example clears it; an unrelated question scores below 0.2)."""
 
 
 class MemoryConfig(StrictModel):

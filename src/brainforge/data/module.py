@@ -35,6 +35,10 @@ def prepare_sft_data(config: BrainforgeConfig, tokenizer: Any) -> PreparedData:
         config.sources(), config.data.system_prompt, config.training.seed, config.datasets.stopping_strategy
     )
     conversations: list[list[dict[str, str]]] = list(mixed["messages"])
+    if config.memory.enabled:
+        from brainforge.memory.assistant import augment_with_memory
+
+        conversations = augment_with_memory(conversations, config.memory)
     n_val = int(len(conversations) * config.data.val_split)
     if config.data.val_split > 0 and n_val == 0 and len(conversations) >= 2:
         n_val = 1

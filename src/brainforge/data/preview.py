@@ -30,7 +30,12 @@ def preview(config: BrainforgeConfig, tokenizer: Any, count: int = 3) -> list[Pr
     mixed = mix_sources(config.sources(), config.data.system_prompt, config.training.seed, config.datasets.stopping_strategy)
     shown: list[PreviewExample] = []
     problems: list[str] = []
-    for index, (messages, source) in enumerate(zip(mixed["messages"], mixed["source"])):
+    conversations = list(mixed["messages"])
+    if config.memory.enabled:
+        from brainforge.memory.assistant import augment_with_memory
+
+        conversations = augment_with_memory(conversations[:count], config.memory) + conversations[count:]
+    for index, (messages, source) in enumerate(zip(conversations, mixed["source"])):
         example = tokenize_conversation(tokenizer, fmt, messages, config.data.max_seq_length)
         if example.num_trained == 0:
             problems.append(f"example {index} ({source}) trains no token")

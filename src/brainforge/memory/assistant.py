@@ -93,3 +93,13 @@ class MemoryAssistant:
         context = self.context(question, base_system_prompt=existing)
         rest = messages[1:] if existing is not None else messages
         return [{"role": "system", "content": context.system_prompt}, *rest]
+
+
+def augment_with_memory(conversations: list[list[dict[str, str]]], config: MemoryConfig) -> list[list[dict[str, str]]]:
+    """Training with `memory.enabled`: every conversation's system prompt gets context and SOP."""
+    assistant = MemoryAssistant(config)
+    augmented = [assistant.augment(messages) for messages in conversations]
+    with_context = sum("\nContext:\n" in m[0]["content"] for m in augmented if m and m[0]["role"] == "system")
+    with_sop = sum("\nProcedure: " in m[0]["content"] for m in augmented if m and m[0]["role"] == "system")
+    logger.info("memory: %d of %d prompts got retrieved context, %d got an SOP", with_context, len(augmented), with_sop)
+    return augmented

@@ -42,7 +42,7 @@ class PromptDataModule(L.LightningDataModule):
 def run_grpo(config: BrainforgeConfig, run_dir: Path, checkpoint: Path | None, model: Any, tokenizer: Any) -> Path:
     settings = config.algorithm.grpo
     fmt = chat_format(config.datasets.output_format, tokenizer)
-    prompts = load_prompts(config.sources(), config.data.system_prompt)
+    prompts = training_prompts(config)
     if len(prompts) < settings.prompts_per_step:
         from brainforge.errors import DataError
 
@@ -70,6 +70,17 @@ def run_grpo(config: BrainforgeConfig, run_dir: Path, checkpoint: Path | None, m
         plot_curves(module.history, run_dir / "reward_kl.png")
         write_grpo_metrics(run_dir / "metrics.json", module.history, trainer.global_step, seconds)
     return run_dir
+
+
+def training_prompts(config: BrainforgeConfig, limit: int | None = None) -> list[PromptExample]:
+    """The RL prompts (the first `limit`), with memory context and SOP when memory is enabled."""
+    prompts = load_prompts(config.sources(), config.data.system_prompt)[:limit]
+    if config.memory.enabled:
+        from brainforge.memory.assistant import augment_with_memory
+
+        for prompt, messages in zip(prompts, augment_with_memory([p.messages for p in prompts], config.memory)):
+            prompt.messages = messages
+    return prompts
 
 
 def planned_grpo_steps(config: BrainforgeConfig, num_prompts: int) -> int:
