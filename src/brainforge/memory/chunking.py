@@ -453,11 +453,13 @@ def _node_name(node: Any, language: str) -> str | None:
     if node.type == "type_declaration":  # go: type Foo struct {...}
         spec = next((c for c in node.named_children if c.type == "type_spec"), None)
         node = spec or node
-    target = node.child_by_field_name("name") or node.child_by_field_name("type")
-    if target is None:
+    target = node.child_by_field_name("name")
+    if target is None and node.child_by_field_name("declarator") is not None:  # C/C++: int *name(void)
         target = node.child_by_field_name("declarator")
-        while target is not None and target.child_by_field_name("declarator") is not None:
+        while target.child_by_field_name("declarator") is not None:
             target = target.child_by_field_name("declarator")
+    if target is None:  # Rust: impl Type { ... }
+        target = node.child_by_field_name("type")
     if target is None:
         return None
     return target.text.decode("utf-8", errors="replace").strip() or None

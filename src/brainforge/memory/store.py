@@ -246,14 +246,16 @@ class MemoryStore:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def _wipe(self) -> None:
-        self._collection = None
+        # Drop the collection through Chroma rather than deleting its files: Chroma keeps one
+        # client per path per process, and that client must not see its database vanish.
+        if self.config.server_url or (self.root / "chroma").exists():
+            client = self._chroma()._client
+            client.delete_collection(self.config.collection)
+            self._collection = None
         for child in self.root.iterdir():
-            if child.name == ".lock":
+            if child.name in {".lock", "chroma"}:
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-        if self.config.server_url:
-            self._chroma()._client.delete_collection(self.config.collection)
-            self._collection = None
 
     def _apply(self, files: list[tuple[Path, str]], roots: list[Path], old_files: dict[str, _FileEntry],
                old_table: dict[str, StoredChunk], report: IngestReport,
