@@ -130,7 +130,7 @@ def test_ingest_search_and_persistence_across_processes(tmp_path, embedder):
     assert out.returncode == 0, out.stderr
     path, count, stages = out.stdout.split()
     assert path == "src/checkpoint.py" and int(count) == report.chunks_total
-    assert stages == "vector|bm25|rrf|rerank:none"
+    assert stages == "vector|bm25|rrf|rerank:passages"
 
 
 def test_incremental_reingest_and_consistency_after_deletes(tmp_path, embedder):
@@ -158,6 +158,11 @@ def test_incremental_reingest_and_consistency_after_deletes(tmp_path, embedder):
     vector = store.vector_search(embedder.embed_queries(["bananas yellow fruit"])[0], 10)
     assert all(store.chunk(cid).path != "docs/guide.md" for cid, _ in vector)
     assert sorted(store._chroma().get(include=[])["ids"]) == sorted(store._chunks)
+    # passage vectors (for the reranker) exist for every committed chunk and are unit length
+    for cid in store._chunks:
+        vectors = store.passage_vectors(cid).astype("float32")
+        assert vectors.ndim == 2 and vectors.shape[1] == embedder.dimension
+        assert abs(float((vectors[0] ** 2).sum()) - 1.0) < 1e-2
 
 
 def test_interrupted_ingest_keeps_last_commit_and_next_ingest_completes(tmp_path, embedder, monkeypatch):
@@ -168,7 +173,7 @@ def test_interrupted_ingest_keeps_last_commit_and_next_ingest_completes(tmp_path
     committed = store.ingest([corpus]).chunks_total
     (corpus / "src/extra.py").write_text("def brand_new_helper():\n    return 'zebra stripes'\n")
 
-    def crash(self, generation, table):
+    def crash(self, *args):
         raise KeyboardInterrupt  # killed after new chunks reached Chroma, before the commit
 
     monkeypatch.setattr(MemoryStore, "_write_generation", crash)
@@ -267,10 +272,19 @@ def test_stages_are_reported_and_passage_rerank_runs(tmp_path, embedder):
 
     store = make_store(tmp_path, embedder)
     store.ingest([write_corpus(tmp_path / "corpus")])
-    result = HybridRetriever(store, RetrievalConfig(reranker="passages", top_k=2)).search("rename temporary folder after a crash")
+    result = HybridRetriever(store, RetrievalConfig(top_k=2)).search("rename temporary folder after a crash")
     assert result.stages == ["vector", "bm25", "rrf", "rerank:passages"]
     assert result.hits[0].chunk.path == "corpus/src/checkpoint.py"
     assert all("rerank:passages" in h.scores and "rrf" in h.ranks for h in result.hits)
+    # the stored passage vectors give the same scores as embedding the passages on the spot
+    from brainforge.memory.rerank import PassageReranker
+
+    texts, ids = [h.chunk.text for h in result.hits], [h.chunk.id for h in result.hits]
+    stored = PassageReranker(embedder, store).scores("rename temporary folder after a crash", texts, ids)
+    fresh = PassageReranker(embedder).scores("rename temporary folder after a crash", texts)
+    assert stored == pytest.approx(fresh, abs=2e-3)
+    kept = HybridRetriever(store, RetrievalConfig(reranker="none")).search("rename temporary folder after a crash")
+    assert kept.stages[-1] == "rerank:none" and [h.score for h in kept.hits] == sorted((h.score for h in kept.hits), reverse=True)
     bm25_only = HybridRetriever(store, RetrievalConfig(weights={"vector": 0, "bm25": 1})).search("potassium")
     assert bm25_only.stages[:2] == ["bm25", "rrf"] and bm25_only.hits[0].chunk.path == "corpus/docs/guide.md"
 

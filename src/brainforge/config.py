@@ -341,6 +341,9 @@ class EmbedderConfig(StrictModel):
 
 
 class ChunkingSettings(StrictModel):
+    strategy: Literal["smart", "lines"] = "smart"
+    """`smart`: code by syntax tree, Markdown by headings, prose by paragraphs; `lines`: fixed
+    windows of lines up to max_tokens for every file (the baseline in bench/retrieval.py)."""
     max_tokens: int = Field(240, gt=16)
     """Largest chunk in embedder tokens, header included (MiniLM reads at most 256)."""
     min_tokens: int = Field(48, gt=0)
@@ -376,10 +379,11 @@ class RetrievalConfig(StrictModel):
     """Phase 1: candidates kept after fusion and handed to the reranker."""
     top_k: int = Field(3, gt=0)
     """Phase 2: chunks returned after reranking."""
-    reranker: str = "none"
-    """Phase 2 reranker: `none` (keep the hybrid order), `passages` (best MiniLM similarity over
-    the chunk's passages, no extra model), or a sentence-transformers CrossEncoder folder or
-    hub id. The offline default was chosen by bench/retrieval.py (see README)."""
+    reranker: str = "passages"
+    """Phase 2 reranker: `passages` (the chunk's best 8-line passage by embedder similarity;
+    passage vectors are computed at ingest, so it costs about a millisecond), `none` (keep the
+    hybrid order), or a sentence-transformers CrossEncoder folder or hub id. `passages` is the
+    offline default because it measured best on bench/retrieval.py (see README)."""
 
     @model_validator(mode="after")
     def _depths(self) -> "RetrievalConfig":

@@ -68,6 +68,7 @@ class Embedder:
                              else self.model.get_sentence_embedding_dimension())
         self.max_tokens = int(self.model.max_seq_length)
         self.tokenizer = self.model.tokenizer
+        self._recent_queries: dict[str, np.ndarray] = {}
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Word pieces per text, without special tokens; for chunk sizing."""
@@ -81,6 +82,15 @@ class Embedder:
             vectors = self.model.encode(list(texts), batch_size=self.config.batch_size, normalize_embeddings=True,
                                         convert_to_numpy=True, show_progress_bar=show_progress)
         return np.asarray(vectors, dtype=np.float32)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """One query's vector, remembered: the router, the vector search and the reranker all
+        need it, and embedding it is most of a query's latency."""
+        if text not in self._recent_queries:
+            if len(self._recent_queries) >= 64:
+                self._recent_queries.pop(next(iter(self._recent_queries)))
+            self._recent_queries[text] = self.embed_queries([text])[0]
+        return self._recent_queries[text]
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
         with torch_threads(self.config.query_threads), torch.inference_mode():

@@ -38,7 +38,7 @@ class HybridRetriever:
                  reranker: Reranker | None = None) -> None:
         self.store = store
         self.config = config or store.config.retrieval
-        self.reranker = reranker or build_reranker(self.config.reranker, store.embedder)
+        self.reranker = reranker or build_reranker(self.config.reranker, store.embedder, store)
 
     def search(self, query: str, top_k: int | None = None, rerank: bool = True) -> SearchResult:
         if not query.strip():
@@ -52,7 +52,7 @@ class HybridRetriever:
         weights = self.config.weights
         if weights.get("vector", 0) > 0:
             started = time.perf_counter()
-            query_vector = self.store.embedder.embed_queries([query])[0]
+            query_vector = self.store.embedder.embed_query(query)
             lists["vector"] = self.store.vector_search(query_vector, self.config.vector_k)
             timings["vector"] = _ms(started)
         if weights.get("bm25", 0) > 0:
@@ -81,7 +81,7 @@ class HybridRetriever:
             stages.append("rerank:none")  # configured off: the fused order is the answer
         elif rerank and hits:
             started = time.perf_counter()
-            scores = self.reranker.scores(query, [h.chunk.text for h in hits])
+            scores = self.reranker.scores(query, [h.chunk.text for h in hits], [h.chunk.id for h in hits])
             stage = f"rerank:{self.reranker.name}"
             for hit, score in zip(hits, scores):
                 hit.score = score

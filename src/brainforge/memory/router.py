@@ -61,7 +61,7 @@ class QueryRouter:
         if self.store is not None:
             self.store.refresh()
             if len(self.store) > 0:
-                query_vector = self.store.embedder.embed_queries([query])[0]
+                query_vector = self.store.embedder.embed_query(query)
                 best = self.store.vector_search(query_vector, 1)
                 if best:
                     evidence = max(0.0, best[0][1])

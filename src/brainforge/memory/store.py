@@ -107,6 +107,8 @@ class MemoryStore:
         self._generation: int | None = None
         self._chunks: dict[str, StoredChunk] = {}
         self._bm25: BM25Index | None = None
+        self._passages: dict[str, np.ndarray] = {}  # during an ingest: chunk id -> passage vectors
+        self._passage_lookup: dict[str, np.ndarray] = {}  # committed generation, for readers
 
     # ------------------------------------------------------------------ embedder and chroma
 
@@ -224,10 +226,18 @@ class MemoryStore:
             self._check_embedder(manifest)
             old_files: dict[str, _FileEntry] = {k: _FileEntry(**v) for k, v in manifest["files"].items()}
             old_table = self._load_table(manifest)
+            self._passages = self._load_passages(manifest, old_table)  # carried over for unchanged chunks
             self._sweep_orphans(old_table)
+            chunking = self.config.chunking.model_dump(include={"strategy", "max_tokens", "min_tokens", "overlap_lines"})
+            if manifest.get("chunking", chunking) != chunking:
+                logger.info("chunking settings changed since the last ingest: re-chunking every file")
+                for entry in old_files.values():
+                    entry.size = -1  # skip the stat shortcut; the empty digest below never matches, so it re-chunks
+                    entry.sha1 = ""
             new_files, new_table = self._apply(files, roots, old_files, old_table, report, on_progress)
+            manifest["chunking"] = chunking
             generation = manifest["generation"] + 1
-            self._write_generation(generation, new_table)
+            self._write_generation(generation, new_table, self._passages)
             manifest.update(generation=generation, files={k: vars(v) for k, v in new_files.items()},
                             chunks=len(new_table))
             self._write_manifest(manifest)  # commit point
@@ -287,8 +297,8 @@ class MemoryStore:
                 new_table.update((cid, old_table[cid]) for cid in previous.chunk_ids if cid in old_table)
                 report.files_unchanged += 1
                 continue
-            language = detect_language(display)
-            if language == "lines":
+            language = detect_language(display) if self.config.chunking.strategy == "smart" else "lines"
+            if language == "lines" and self.config.chunking.strategy == "smart":
                 report.line_chunked[path.suffix.lower() or "(no extension)"] += 1
             chunks = chunker.chunk(display, text, language)
             new_files[key] = _FileEntry(display, stat.st_size, stat.st_mtime_ns, digest, language, [c.id for c in chunks])
@@ -319,12 +329,32 @@ class MemoryStore:
         if not unique:
             return 0
         vectors = self.embedder.embed_documents([c.text for c in unique])
+        self._embed_passages(unique, vectors)
         collection = self._chroma()
         for start in range(0, len(unique), _CHROMA_BATCH):
             batch = unique[start:start + _CHROMA_BATCH]
             collection.upsert(ids=[c.id for c in batch], embeddings=vectors[start:start + len(batch)],
                               documents=[c.text for c in batch], metadatas=[c.metadata() for c in batch])
         return len(unique)
+
+    def _embed_passages(self, chunks: list[Chunk], vectors: np.ndarray) -> None:
+        """Vectors of each chunk's passages for the `passages` reranker, computed once here so
+        reranking at query time is a lookup and a dot product. A chunk short enough to be a
+        single passage reuses its own vector."""
+        owners: list[int] = []
+        texts: list[str] = []
+        for index, chunk in enumerate(chunks):
+            passages = split_passages(chunk.text)
+            if len(passages) == 1:
+                self._passages[chunk.id] = vectors[index:index + 1].astype(np.float16)
+            else:
+                owners.extend([index] * len(passages))
+                texts.extend(passages)
+        if texts:
+            passage_vectors = self.embedder.embed_documents(texts).astype(np.float16)
+            for index in sorted(set(owners)):
+                rows = [row for row, owner in enumerate(owners) if owner == index]
+                self._passages[chunks[index].id] = passage_vectors[rows[0]:rows[-1] + 1]
 
     def _delete_from_chroma(self, ids: list[str]) -> None:
         collection = self._chroma()
@@ -344,12 +374,20 @@ class MemoryStore:
     def _generation_dir(self, generation: int) -> Path:
         return self.root / f"gen-{generation:06d}"
 
-    def _write_generation(self, generation: int, table: dict[str, StoredChunk]) -> None:
+    def _write_generation(self, generation: int, table: dict[str, StoredChunk], passages: dict[str, np.ndarray]) -> None:
         folder = self._generation_dir(generation)
         temporary = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(temporary, ignore_errors=True)
         ids = sorted(table)
         BM25Index.build(ids, [table[cid].text for cid in ids]).save(temporary / "bm25")
+        missing = [cid for cid in ids if cid not in passages]
+        if missing:
+            raise StoreError(f"{self.root}: {len(missing)} chunks have no passage vectors; rebuild with `brainforge ingest --rebuild`")
+        matrices = [passages[cid] for cid in ids]
+        offsets = np.cumsum([0] + [len(m) for m in matrices]).astype(np.int64)
+        dimension = self.embedder.dimension
+        np.save(temporary / "passages.npy", np.concatenate(matrices) if matrices else np.zeros((0, dimension), np.float16))
+        np.save(temporary / "passage_offsets.npy", offsets)
         with open(temporary / "chunks.jsonl", "w") as handle:
             for cid in ids:
                 handle.write(json.dumps(vars(table[cid])) + "\n")
@@ -360,6 +398,21 @@ class MemoryStore:
         for child in self.root.glob("gen-*"):
             if child.name != self._generation_dir(keep).name:
                 shutil.rmtree(child, ignore_errors=True)
+
+    def _load_passages(self, manifest: dict[str, Any], table: dict[str, StoredChunk]) -> dict[str, np.ndarray]:
+        if manifest["generation"] == 0:
+            return {}
+        folder = self._generation_dir(manifest["generation"])
+        try:
+            vectors = np.load(folder / "passages.npy", mmap_mode="r")
+            offsets = np.load(folder / "passage_offsets.npy")
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{folder}: the store's passage vectors are damaged ({exc}); rebuild with `brainforge ingest --rebuild`") from None
+        return {cid: vectors[offsets[i]:offsets[i + 1]] for i, cid in enumerate(sorted(table))}
+
+    def passage_vectors(self, chunk_id: str) -> np.ndarray:
+        """Unit vectors of a committed chunk's passages (float16, one row per passage)."""
+        return self._passage_lookup[chunk_id]
 
     def _load_table(self, manifest: dict[str, Any]) -> dict[str, StoredChunk]:
         if manifest["generation"] == 0:
@@ -380,11 +433,13 @@ class MemoryStore:
             manifest = self._read_manifest()
             if manifest is None:
                 self._generation, self._chunks, self._bm25 = 0, {}, BM25Index([], None)
+                self._passage_lookup = {}
                 return
             if manifest["generation"] == self._generation:
                 return
             self._check_embedder(manifest)
             self._chunks = self._load_table(manifest)
+            self._passage_lookup = self._load_passages(manifest, self._chunks)
             folder = self._generation_dir(manifest["generation"]) / "bm25"
             self._bm25 = BM25Index.load(folder) if manifest["generation"] else BM25Index([], None)
             self._generation = manifest["generation"]
@@ -484,6 +539,20 @@ def read_text(path: Path, display: str, report: IngestReport) -> str | None:
     except UnicodeDecodeError:
         report.replaced_characters.append(display)
         return data.decode("utf-8", errors="replace")
+
+
+PASSAGE_LINES = 8
+
+
+def split_passages(text: str, lines_per_passage: int = PASSAGE_LINES) -> list[str]:
+    """A chunk's body in consecutive windows of lines, each under the chunk's header line; a
+    short chunk is its own single passage."""
+    header, _, body = text.partition("\n")
+    lines = body.splitlines()
+    if len(lines) <= lines_per_passage:
+        return [text]
+    return [header + "\n" + "\n".join(lines[start:start + lines_per_passage])
+            for start in range(0, len(lines), lines_per_passage)]
 
 
 def _stored(chunk: Chunk) -> StoredChunk:
