@@ -102,7 +102,7 @@ def test_small_siblings_are_merged():
     ("api.ts", "interface Point { x: number; y: number }\n\nexport function norm(p: Point): number {\n  return Math.sqrt(p.x * p.x + p.y * p.y);\n}\n",
      {("type", "Point", None, 1, 1), ("function", "norm", None, 3, 5)}),
     ("main.go", "package main\n\nimport \"fmt\"\n\ntype Server struct{ port int }\n\nfunc (s *Server) Start() error {\n\tfmt.Println(s.port)\n\treturn nil\n}\n",
-     {("type", "Server", None, 5, 5), ("method", "Start", None, 7, 10)}),
+     {("type", "Server", None, 5, 5), ("method", "Start", "Server", 7, 10)}),
     ("lib.rs", "use std::fmt;\n\nstruct Counter { n: u32 }\n\nfn increment(c: &mut Counter) -> u32 {\n    c.n += 1;\n    c.n\n}\n",
      {("type", "Counter", None, 3, 3), ("function", "increment", None, 5, 8)}),
     ("Cache.java", "import java.util.Map;\n\npublic class Cache {\n    private Map<String, String> data;\n\n    public String get(String key) {\n        return data.get(key);\n    }\n}\n",

@@ -212,14 +212,17 @@ def test_store_refuses_other_embedder_and_other_format(tmp_path, embedder):
         MemoryStore(MemoryConfig(store=str(tmp_path / "other")), embedder).ingest([corpus])
 
 
-def test_second_writer_waits_then_fails_clearly(tmp_path, embedder):
+def test_second_writer_waits_then_fails_clearly_while_readers_go_on(tmp_path, embedder):
     corpus = write_corpus(tmp_path / "corpus")
     store = make_store(tmp_path, embedder)
+    store.ingest([corpus])
     other = make_store(tmp_path, embedder)
-    with store._lock(exclusive=True):
+    with store._lock(exclusive=True, name=".write.lock"):  # as a long ingest in another process holds it
         with pytest.raises(StoreError, match="another process has been writing"):
             other.ingest([corpus], lock_timeout=0.3)
-    assert other.ingest([corpus]).files_ingested == 3
+        assert search_paths(make_store(tmp_path, embedder), "ranked lists merged")[0] == "corpus/src/fusion.py"
+    (corpus / "src" / "new.py").write_text("def added_later():\n    return 1\n")
+    assert other.ingest([corpus]).files_ingested == 1
 
 
 def test_bad_inputs_are_counted_not_fatal(tmp_path, embedder):
@@ -381,3 +384,55 @@ def test_memory_enabled_with_empty_store_is_a_clear_error(tmp_path, tiny_model_d
     path = write_config(tmp_path / "c.yaml", tiny_model_dir, memory={"enabled": True, "store": str(tmp_path / "none")})
     with pytest.raises(StoreError, match="empty"):
         prepare_sft_data(load_config(path), tokenizer)
+
+
+def test_rl_prompts_contain_context_when_memory_is_enabled(tmp_path, tiny_model_dir):
+    from conftest import write_config
+
+    from brainforge.config import load_config
+    from brainforge.training.grpo_run import training_prompts
+
+    make_store(tmp_path, None).ingest([write_corpus(tmp_path / "corpus")])
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "How does reciprocal_rank_fusion combine ranked lists?", "answer": "1"}) + "\n")
+    path = write_config(tmp_path / "c.yaml", tiny_model_dir,
+                        datasets={"multi_source_enabled": False}, data={"source": {"path": str(prompts_file), "type": "prompt"}},
+                        algorithm={"name": "grpo", "grpo": {"reward_functions": [{"name": "last_number"}]}},
+                        memory={"enabled": True, "store": str(tmp_path / "store")})
+    prompts = training_prompts(load_config(path))
+    assert prompts[0].messages[0]["role"] == "system"
+    assert "Context:\n[1] corpus/src/fusion.py:" in prompts[0].messages[0]["content"]
+    assert prompts[0].messages[-1]["content"] == "How does reciprocal_rank_fusion combine ranked lists?"
+
+
+def test_chroma_server_mode(tmp_path, embedder):
+    """`memory.server_url`: vectors in a Chroma server (started here from chromadb's own CLI)."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    chroma = Path(sys.executable).parent / "chroma"
+    server = subprocess.Popen([str(chroma), "run", "--path", str(tmp_path / "server-data"), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "ANONYMIZED_TELEMETRY": "False"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/heartbeat", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "chroma server did not start"
+                time.sleep(0.3)
+        store = make_store(tmp_path, embedder, server_url=f"http://127.0.0.1:{port}")
+        report = store.ingest([write_corpus(tmp_path / "corpus")])
+        assert report.chunks_total > 0
+        assert not (tmp_path / "store" / "chroma").exists()  # vectors went to the server
+        assert (tmp_path / "server-data").exists()
+        assert search_paths(store, "rename a temporary folder so a crash is safe")[0] == "corpus/src/checkpoint.py"
+        assert make_store(tmp_path, embedder, server_url=f"http://127.0.0.1:{port}").ingest([tmp_path / "corpus"], rebuild=True).files_ingested == 3
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -250,7 +250,8 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted; the last completed checkpoint is intact (resume with --resume)", err=True)
+        typer.echo("interrupted; nothing half-written is kept: the last completed checkpoint (train: resume with "
+                   "--resume) or the last committed ingest (memory: run ingest again to finish) is intact", err=True)
         sys.exit(130)
     except Exception as exc:
         import click

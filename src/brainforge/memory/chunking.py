@@ -226,7 +226,8 @@ class Chunker:
             pieces.extend(self._gap(lines, cursor, start - 1, parent))
             import_run = None
             name = _node_name(inner, language)
-            pieces.extend(self._definition(inner, lines, language, kind, name, parent, start, end))
+            owner = _go_receiver(inner) if inner.type == "method_declaration" and language == "go" else parent
+            pieces.extend(self._definition(inner, lines, language, kind, name, owner, start, end))
             cursor = end + 1
         pieces.extend(self._gap(lines, cursor, hi, parent))
         return pieces
@@ -463,6 +464,23 @@ def _node_name(node: Any, language: str) -> str | None:
     if target is None:
         return None
     return target.text.decode("utf-8", errors="replace").strip() or None
+
+
+def _go_receiver(node: Any) -> str | None:
+    """`func (s *Server) Start()` belongs to `Server`."""
+    receiver = node.child_by_field_name("receiver")
+    if receiver is None:
+        return None
+    names = [n for n in _descendants(receiver) if n.type == "type_identifier"]
+    return names[0].text.decode("utf-8", errors="replace") if names else None
+
+
+def _descendants(node: Any) -> list[Any]:
+    found = []
+    for child in node.named_children:
+        found.append(child)
+        found.extend(_descendants(child))
+    return found
 
 
 def _leading_comments(lines: list[str], start: int, floor: int) -> int:

@@ -145,7 +145,7 @@ class MemoryStore:
     def _read_manifest(self) -> dict[str, Any] | None:
         path = self._manifest_path()
         if not path.exists():
-            if self.root.exists() and any(p.name not in {".lock", "chroma"} for p in self.root.iterdir()):
+            if self.root.exists() and any(p.name not in {".lock", ".write.lock", "chroma"} for p in self.root.iterdir()):
                 raise StoreError(f"{self.root} exists and is not a brainforge memory store (no manifest.json); "
                                  "choose another memory.store or empty the folder")
             return None
@@ -179,9 +179,11 @@ class MemoryStore:
     # ------------------------------------------------------------------ locking
 
     @contextmanager
-    def _lock(self, exclusive: bool, timeout: float = 600.0) -> Iterator[None]:
+    def _lock(self, exclusive: bool, timeout: float = 600.0, name: str = ".lock") -> Iterator[None]:
+        """`.write.lock` serialises writers for a whole ingest; `.lock` is held exclusively only
+        while a writer swaps generations, and shared by readers while they load one."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as handle:
+        with open(self.root / name, "a+") as handle:
             deadline = time.monotonic() + timeout
             mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             waited = False
@@ -219,9 +221,10 @@ class MemoryStore:
             reasons = Counter(reason.split(":")[0] for _, reason in report.skipped)
             detail = ", ".join(f"{n} {r}" for r, n in reasons.items()) or "no files at all"
             raise StoreError(f"nothing to ingest under {', '.join(map(str, roots))}: {detail}")
-        with self._lock(exclusive=True, timeout=lock_timeout):
+        with self._lock(exclusive=True, timeout=lock_timeout, name=".write.lock"):
             if rebuild:
-                self._wipe()
+                with self._lock(exclusive=True):
+                    self._wipe()
             manifest = self._read_manifest() or self._new_manifest()
             self._check_embedder(manifest)
             old_files: dict[str, _FileEntry] = {k: _FileEntry(**v) for k, v in manifest["files"].items()}
@@ -240,12 +243,14 @@ class MemoryStore:
             self._write_generation(generation, new_table, self._passages)
             manifest.update(generation=generation, files={k: vars(v) for k, v in new_files.items()},
                             chunks=len(new_table))
-            self._write_manifest(manifest)  # commit point
+            with self._lock(exclusive=True):
+                self._write_manifest(manifest)  # commit point
+                self._drop_old_generations(generation)
+            # Readers only return chunks of the generation they loaded, so these can go now.
             stale = [cid for cid in old_table if cid not in new_table]
             self._delete_from_chroma(stale)
             report.chunks_removed = len(stale)
             report.chunks_total = len(new_table)
-            self._drop_old_generations(generation)
         self._generation = None  # readers reload
         report.seconds = time.perf_counter() - started
         return report
@@ -263,7 +268,7 @@ class MemoryStore:
             client.delete_collection(self.config.collection)
             self._collection = None
         for child in self.root.iterdir():
-            if child.name in {".lock", "chroma"}:
+            if child.name in {".lock", ".write.lock", "chroma"}:
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
@@ -281,7 +286,11 @@ class MemoryStore:
                 on_progress(done, len(files), display)
             key = str(path)
             seen.add(key)
-            stat = path.stat()
+            try:
+                stat = path.stat()
+            except OSError as exc:  # removed or made unreadable since it was listed
+                report.skipped.append((display, f"unreadable: {exc.strerror or exc.__class__.__name__}"))
+                continue
             previous = old_files.get(key)
             if previous and previous.size == stat.st_size and previous.mtime_ns == stat.st_mtime_ns and previous.display == display:
                 new_files[key] = previous
