@@ -366,13 +366,24 @@ def test_training_prompts_contain_context_and_sop(tmp_path, tiny_model_dir, toke
     path = write_config(tmp_path / "c.yaml", tiny_model_dir,
                         datasets={"multi_source_enabled": False}, data={"source": {"path": str(data), "type": "chat"}, "val_split": 0.0, "max_seq_length": 1024},
                         memory={"enabled": True, "store": str(store)})
-    prepared = prepare_sft_data(load_config(path), tokenizer)
+    config = load_config(path)
+    prepared = prepare_sft_data(config, tokenizer)
     systems = {c[1]["content"]: c[0]["content"] for c in prepared.conversations}
     crash = systems["Why does save_checkpoint_atomically crash with a traceback?"]
     assert "Context:\n[1] corpus/src/checkpoint.py:" in crash and "Procedure: debugging-code" in crash
     fusion = systems["How does reciprocal_rank_fusion combine ranked lists?"]
     assert "[1] corpus/src/fusion.py:" in fusion and "Procedure:" not in fusion
     assert "Context:" in tokenizer.decode(prepared.train[0].input_ids if hasattr(prepared.train[0], "input_ids") else prepared.train[0]["input_ids"])
+
+    # a short real run: trains, and its samples were generated with the memory prompt too
+    from brainforge.training.run import train
+
+    config.training.max_steps = 2
+    config.training.test_prompts = ["How does reciprocal_rank_fusion combine ranked lists?"]
+    run_dir = train(config, path)
+    sample = json.loads((run_dir / "samples.jsonl").read_text().splitlines()[0])
+    assert "Context:\n[1] corpus/src/fusion.py:" in sample["system_prompt"]
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
 
 
 def test_memory_enabled_with_empty_store_is_a_clear_error(tmp_path, tiny_model_dir, tokenizer):

@@ -205,10 +205,19 @@ def write_samples(chat: ChatModel, config: BrainforgeConfig, path: Path) -> None
         path.write_text("")
         return
     chat.model.eval()
-    completions = chat.generate(prompts, max_new_tokens=config.training.sample_max_new_tokens, system_prompt=config.data.system_prompt)
+    conversations: list[Any] = list(prompts)
+    if config.memory.enabled:  # answer as at `ask` time: the same context and SOP in the prompt
+        from brainforge.memory.assistant import augment_with_memory
+
+        base = [{"role": "system", "content": config.data.system_prompt}] if config.data.system_prompt else []
+        conversations = augment_with_memory([[*base, {"role": "user", "content": p}] for p in prompts], config.memory)
+    completions = chat.generate(conversations, max_new_tokens=config.training.sample_max_new_tokens, system_prompt=config.data.system_prompt)
     with path.open("w") as handle:
-        for prompt, completion in zip(prompts, completions):
-            handle.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+        for prompt, conversation, completion in zip(prompts, conversations, completions):
+            row = {"prompt": prompt, "completion": completion}
+            if config.memory.enabled:
+                row["system_prompt"] = conversation[0]["content"]
+            handle.write(json.dumps(row) + "\n")
 
 
 def _val_loss(results: list[dict[str, Any]]) -> float | None:
