@@ -447,3 +447,32 @@ def test_chroma_server_mode(tmp_path, embedder):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_kill_9_mid_ingest_leaves_last_commit_and_next_ingest_sweeps(tmp_path, embedder):
+    import signal
+    import time
+
+    corpus = write_corpus(tmp_path / "corpus")
+    committed = make_store(tmp_path, embedder).ingest([corpus]).chunks_total
+    for index in range(60):
+        (corpus / "src" / f"module_{index}.py").write_text(
+            "\n\n".join(f"def function_{index}_{n}(value):\n    return value * {n} + {index}  # step {n}" for n in range(12)) + "\n")
+    script = ("from brainforge.config import MemoryConfig; from brainforge.memory.store import MemoryStore;"
+              f"MemoryStore(MemoryConfig(store={str(tmp_path / 'store')!r})).ingest([{str(corpus)!r}])")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    chroma_ids = lambda: set(make_store(tmp_path, embedder)._chroma().get(include=[])["ids"])  # noqa: E731
+    deadline = time.monotonic() + 240
+    while len(chroma_ids()) <= committed:  # wait until the child has added uncommitted chunks
+        assert child.poll() is None and time.monotonic() < deadline, "the ingest finished before it could be killed"
+        time.sleep(0.5)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    reader = make_store(tmp_path, embedder)
+    assert len(reader) == committed  # the killed ingest is invisible
+    assert len(chroma_ids()) > committed  # ... though it left chunks in Chroma
+    finished = make_store(tmp_path, embedder).ingest([corpus])
+    assert finished.files_ingested == 60 and finished.files_unchanged == 3
+    after = make_store(tmp_path, embedder)
+    after.refresh()
+    assert chroma_ids() == set(after._chunks)  # orphans swept, nothing missing
