@@ -24,3 +24,14 @@ def run_worker(script: str, arguments: list[str], worker: str) -> dict | None:
         print(json.dumps({"tool": worker, "error": done.stderr[-1500:]}), flush=True)
         return None
     return json.loads(line[len(PREFIX):])
+
+
+def prepare_environment(worker: bool) -> None:
+    """Offline, quiet tokenizers; a worker logs warnings only (its stdout carries the result)."""
+    import logging
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if worker:
+        logging.basicConfig(level=logging.WARNING)

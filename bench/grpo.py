@@ -24,7 +24,7 @@ import resource
 import sys
 import time
 
-from _child import emit, run_worker
+from _child import emit, prepare_environment, run_worker
 
 
 def parse_args() -> argparse.Namespace:
@@ -154,12 +154,8 @@ def run_trl(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     args = parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    prepare_environment(worker=bool(args.worker))
     if args.worker:
-        import logging
-
-        logging.basicConfig(level=logging.WARNING)
         result = run_trl(args) if args.worker == "trl" else run_brainforge(args)
         emit(result)
         return

@@ -22,7 +22,7 @@ import platform
 import tempfile
 import time
 
-from _child import emit, run_worker
+from _child import emit, prepare_environment, run_worker
 from pathlib import Path
 
 TASK_OPTIONS = {"size": 3000, "eval_size": 100, "seed": 0, "min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2,
@@ -152,12 +152,8 @@ def held_out_accuracy(adapter: Path | None) -> float:
 
 def main() -> None:
     args = parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    prepare_environment(worker=bool(args.worker))
     if args.worker:
-        import logging
-
-        logging.basicConfig(level=logging.WARNING)
         out = Path(args.out)
         if args.worker == "base":
             result = {"accuracy": held_out_accuracy(None)}

@@ -52,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rerank-queries", type=int, default=None, help="rerank only the first N queries (it is slow here)")
     parser.add_argument("--work", type=Path, default=None, help="keep corpus and stores here (default: a temp folder)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the stores already in --work (quality and latency only; ingest figures then are not measured)")
     return parser.parse_args()
 
 
@@ -193,8 +195,11 @@ def main() -> None:
     for strategy in args.strategies:
         config = MemoryConfig(store=str(work / f"store-{strategy}"), chunking={"strategy": strategy})
         store = MemoryStore(config, embedder)
-        shutil.rmtree(config.store, ignore_errors=True)
+        if not args.reuse:
+            shutil.rmtree(config.store, ignore_errors=True)
         report = store.ingest([corpus / p for p in args.packages])
+        if args.reuse and report.chunks_added == 0:
+            report.seconds = 0.0  # nothing was embedded: no ingest figure
         result = {
             "bench": "retrieval", "chunking": strategy, "corpus": "+".join(args.packages), "files": report.files_ingested,
             "chunks": report.chunks_total, "ingest_chunks_per_s": round(report.chunks_per_second, 1),

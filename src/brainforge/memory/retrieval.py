@@ -66,14 +66,14 @@ class HybridRetriever:
             fused = linear_fusion(lists, weights=weights)
         timings[self.config.fusion] = _ms(started)
         candidates = fused[:self.config.recall_n]
+        positions = {stage: {cid: (rank, score) for rank, (cid, score) in enumerate(ranked, start=1)}
+                     for stage, ranked in lists.items()}
         hits = []
         for rank, (cid, score) in enumerate(candidates, start=1):
             hit = Hit(self.store.chunk(cid), score)
-            for stage, ranked in lists.items():
-                for stage_rank, (other, stage_score) in enumerate(ranked, start=1):
-                    if other == cid:
-                        hit.ranks[stage], hit.scores[stage] = stage_rank, stage_score
-                        break
+            for stage, found in positions.items():
+                if cid in found:
+                    hit.ranks[stage], hit.scores[stage] = found[cid]
             hit.ranks[self.config.fusion], hit.scores[self.config.fusion] = rank, score
             hits.append(hit)
         stages = list(lists) + [self.config.fusion]

@@ -109,6 +109,7 @@ class MemoryStore:
         self._bm25: BM25Index | None = None
         self._passages: dict[str, np.ndarray] = {}  # during an ingest: chunk id -> passage vectors
         self._passage_lookup: dict[str, np.ndarray] = {}  # committed generation, for readers
+        self._loaded_stamp: tuple[int, int, int] | None = None  # manifest identity at the last refresh
 
     # ------------------------------------------------------------------ embedder and chroma
 
@@ -141,6 +142,13 @@ class MemoryStore:
 
     def _manifest_path(self) -> Path:
         return self.root / "manifest.json"
+
+    def _manifest_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            stat = self._manifest_path().stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
     def _read_manifest(self) -> dict[str, Any] | None:
         path = self._manifest_path()
@@ -350,20 +358,19 @@ class MemoryStore:
         """Vectors of each chunk's passages for the `passages` reranker, computed once here so
         reranking at query time is a lookup and a dot product. A chunk short enough to be a
         single passage reuses its own vector."""
-        owners: list[int] = []
+        spans: list[tuple[str, int, int]] = []  # (chunk id, first row, end row) in `texts`
         texts: list[str] = []
         for index, chunk in enumerate(chunks):
             passages = split_passages(chunk.text)
             if len(passages) == 1:
                 self._passages[chunk.id] = vectors[index:index + 1].astype(np.float16)
             else:
-                owners.extend([index] * len(passages))
+                spans.append((chunk.id, len(texts), len(texts) + len(passages)))
                 texts.extend(passages)
         if texts:
             passage_vectors = self.embedder.embed_documents(texts).astype(np.float16)
-            for index in sorted(set(owners)):
-                rows = [row for row, owner in enumerate(owners) if owner == index]
-                self._passages[chunks[index].id] = passage_vectors[rows[0]:rows[-1] + 1]
+            for chunk_id, start, end in spans:
+                self._passages[chunk_id] = passage_vectors[start:end]
 
     def _delete_from_chroma(self, ids: list[str]) -> None:
         collection = self._chroma()
@@ -437,8 +444,15 @@ class MemoryStore:
     # ------------------------------------------------------------------ reading
 
     def refresh(self) -> None:
-        """Load the committed generation if it changed since the last call."""
+        """Load the committed generation if it changed since the last call.
+
+        Called on every query, so the common case is one `stat` of the manifest: parsing it
+        (hundreds of kB for a large store) and taking the lock happen only when it changed."""
+        stamp = self._manifest_stamp()
+        if stamp is not None and stamp == self._loaded_stamp:
+            return
         with self._lock(exclusive=False):
+            self._loaded_stamp = self._manifest_stamp()
             manifest = self._read_manifest()
             if manifest is None:
                 self._generation, self._chunks, self._bm25 = 0, {}, BM25Index([], None)
