@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean sandbox-tool
 
 $(BIN)/brainforge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,14 @@ demo: install
 	$(BIN)/brainforge doctor
 	$(BIN)/brainforge train configs/sft_demo.yaml
 
-test: install
+# The code_execution reward's sandbox (and its hostile-program tests) need bubblewrap.
+sandbox-tool:
+	@command -v bwrap >/dev/null 2>&1 || { echo "the tests need bubblewrap (bwrap) for the code sandbox: sudo apt-get install bubblewrap" >&2; exit 2; }
+
+test: install sandbox-tool
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install sandbox-tool
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install

