@@ -23,8 +23,10 @@ demo: install
 	$(BIN)/brainforge train configs/sft_demo.yaml
 
 # The code_execution reward's sandbox (and its hostile-program tests) need bubblewrap.
+# As root with apt it is installed here; otherwise the target stops with the command to run.
 sandbox-tool:
-	@command -v bwrap >/dev/null 2>&1 || { echo "the tests need bubblewrap (bwrap) for the code sandbox: sudo apt-get install bubblewrap" >&2; exit 2; }
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && apt-get install -y -qq bubblewrap; } \
+	  || { echo "the tests need bubblewrap (bwrap) for the code sandbox: sudo apt-get install bubblewrap" >&2; exit 2; }
 
 test: install sandbox-tool
 	$(BIN)/python -m pytest -q
