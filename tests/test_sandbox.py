@@ -31,13 +31,15 @@ BAD = "```python\ndef square(x):\n    return x + x\n```"
 VALUES = [
     None, True, False, 0, -7, 10 ** 300, 1.5, -0.0, float("inf"), float("-inf"), 5e-324, "", "héllo\n\u2028\ud800",
     b"\x00\xff", [1, [2, [3]]], (1, "a", (None,)), {"a": 1, 2: [3], (1, 2): {"x"}}, {1, "b", (2, 3)},
-    frozenset({1, 2}), complex(1, -2), [], (), {}, set(),
+    frozenset({1, 2}), complex(1, -2), [], (), {}, set(), {(1, frozenset({(2, b"x", 1.5)})): [{}]},
 ]
 
 
 @pytest.mark.parametrize("value", VALUES, ids=repr)
 def test_wire_round_trips_builtin_data_exactly(value):
-    back = wire.decode(wire.loads(wire.dumps({"v": wire.encode(value)}))["v"])
+    data = wire.loads(wire.dumps({"v": wire.encode(value)}))["v"]
+    assert wire.validate(data) is data  # what the trainer checks without building it
+    back = wire.decode(data)
     assert back == value and type(back) is type(value)
 
 
@@ -95,11 +97,13 @@ def test_wire_rejects_malformed_messages(line):
 
 @pytest.mark.parametrize("data", [
     ["zz"], [], [1], ["f", "1.5; import os"], ["f", 1.5], ["b", "***"], ["d", 1], ["d", ["l"], 1], ["s", ["l"]],
-    {"a": 1}, ["c", "1"], ["l"] + [["l"]] * 3 + [["t", ["d", ["l", 1], 2]]],
+    {"a": 1}, ["c", "1"], ["l"] + [["l"]] * 3 + [["t", ["d", ["l", 1], 2]]], ["fs", ["t", ["l"]]], ["d", ["t", 1, ["s"]], 2],
 ])
 def test_wire_decode_rejects_malformed_values(data):
     with pytest.raises(wire.WireError):
         wire.decode(data)
+    with pytest.raises(wire.WireError):
+        wire.validate(data)
 
 
 def test_wire_decoding_random_bytes_only_ever_raises_wireerror():
@@ -109,10 +113,17 @@ def test_wire_decoding_random_bytes_only_ever_raises_wireerror():
         line = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
         try:
             message = wire.loads(line)
-            for value in message.values():
-                wire.decode(value)
         except wire.WireError:
-            pass
+            continue
+        for value in message.values():  # validate and decode agree on every input
+            outcomes = []
+            for check in (wire.validate, wire.decode):
+                try:
+                    check(value)
+                    outcomes.append("ok")
+                except wire.WireError:
+                    outcomes.append("refused")
+            assert outcomes[0] == outcomes[1], (line, outcomes)
 
 
 def test_wire_refuses_messages_over_the_limit():

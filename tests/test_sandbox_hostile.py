@@ -467,6 +467,65 @@ def test_memory_bomb_is_bounded(no_survivors):
     assert reward("def square(x):\n    b = bytearray(8 * 1024 ** 3)\n    return x * x\n", memory_mb=256) == 0.0
 
 
+HIDDEN_MEMORY = r"""
+import ctypes, json, os, resource
+held, errors = {"memfd": 0, "shm": 0}, {}
+try:
+    for i in range(5):
+        fd = os.memfd_create(f"m{i}")  # shared memory: not address space once written, not in /tmp
+        os.write(fd, b"x" * (64 << 20))
+        held["memfd"] += 64
+except OSError as exc:
+    errors["memfd"] = exc.errno
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+for i in range(5):  # System V segments keep their pages after shmdt
+    segment = libc.shmget(0, ctypes.c_size_t(64 << 20), 0o600)
+    if segment < 0:
+        errors["shm"] = ctypes.get_errno()
+        break
+    address = libc.shmat(segment, None, 0)
+    ctypes.memset(address, 1, 64 << 20)
+    libc.shmdt(ctypes.c_void_p(address))
+    held["shm"] += 64
+ordinary = len(bytearray(100 << 20)) >> 20
+print(json.dumps({"held": held, "errors": errors, "ordinary": ordinary, "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)}))
+"""
+
+
+def test_memory_outside_the_address_space_limit_is_refused(no_survivors):
+    """memfd and System V shm pages are not address space once unmapped: without the seccomp
+    filter this held 640 MB under a 256 MB limit (any amount, given open files and time).
+    Open files are capped too: each can hold socket buffers, also outside the limit."""
+    result = run_python(HIDDEN_MEMORY, SandboxLimits(wall_seconds=60, memory_mb=256))
+    seen = json.loads(result.stdout)
+    assert seen["held"] == {"memfd": 0, "shm": 0} and seen["errors"] == {"memfd": 1, "shm": 1}, seen  # EPERM
+    assert seen["ordinary"] == 100  # the sandbox works; ordinary memory is what the address-space limit bounds
+    assert seen["nofile"] == [128, 128]
+
+
+OTHER_ABI = r"""
+import ctypes, mmap, os
+def raw(code):
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(code)
+    return ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(page)))()
+I386_GETPID = b"\xb8\x14\x00\x00\x00\xcd\x80\xc3"  # mov eax, 20; int 0x80; ret
+X32_GETPID = b"\xb8\x27\x00\x00\x40\x0f\x05\xc3"   # mov eax, 0x40000000 | 39; syscall; ret
+print(os.getpid(), raw(I386_GETPID), raw(X32_GETPID))
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="hand-assembled x86-64 code")
+def test_syscalls_of_another_abi_are_refused(no_survivors):
+    """A filter keyed on x86-64 syscall numbers is bypassed by the same call through the i386
+    (int 0x80) or x32 ABI, so the filter refuses every call of another ABI (EPERM = -1 here)."""
+    host = subprocess.run(["/usr/bin/python3", "-I", "-c", OTHER_ABI], capture_output=True, text=True, timeout=60)
+    pid, i386, _ = map(int, host.stdout.split())
+    assert i386 in (pid, -38)  # control: the host runs i386 calls (-38: built without IA32 emulation)
+    assert run_python(OTHER_ABI, PASSING).stdout.split() == ["1", "-1", "-1"]  # native getpid works; others refused
+
+
 def test_disk_bomb_is_bounded(no_survivors):
     """The private /tmp is a size-bounded tmpfs and RLIMIT_FSIZE caps each file."""
     limits = SandboxLimits(wall_seconds=30, scratch_bytes=4 << 20)
@@ -526,6 +585,73 @@ def test_giant_or_malformed_wire_responses_score_zero_quickly(code, no_survivors
     started = time.monotonic()
     assert reward(code, wall=60) == 0.0
     assert time.monotonic() - started < 45  # refused on sight, not waited out to the wall clock
+
+
+# A set of ints that all share one hash (multiples of 2**61 - 1), written raw to the protocol
+# as one ~950 KB answer: building it is quadratic, over a minute of CPU. The trainer only
+# checks the answer's form; the harness that decodes it is held to the wall clock.
+COLLIDING_SET = ("import os, time\ndef square(x):\n    P = (1 << 61) - 1\n"
+                 "    line = b'{\"return\": [\"s\",' + b','.join(b'%d' % (P * k) for k in range(1, 40_000)) + b']}\\n'\n"
+                 "    for fd in range(3, 64):\n        try:\n            os.write(fd, line)\n        except OSError:\n"
+                 "            pass\n    time.sleep(3600)\n")
+
+
+def test_hash_colliding_answer_does_not_stall_the_trainer(no_survivors):
+    started = time.monotonic()
+    assert reward(COLLIDING_SET, wall=5) == 0.0
+    assert time.monotonic() - started < 40  # the wall clock (5 s) and teardown, not a minute of hashing here
+
+
+# Tests whose own iteration would read a StopIteration from the candidate as "no more items".
+STOP_ITERATION_TESTS = {
+    "for over map": "def check(candidate):\n    for got, want in zip(map(candidate, [2, 3]), [4, 9]):\n        assert got == want\n",
+    "all(map)": "def check(candidate):\n    assert all(map(lambda x: candidate(x) == x * x, [2, 3]))\n",
+    "iter(callable, sentinel)": "def check(candidate):\n    for got in iter(lambda: candidate(3), None):\n        assert got == 9\n        break\n",
+}
+
+
+@pytest.mark.parametrize("tests", STOP_ITERATION_TESTS.values(), ids=STOP_ITERATION_TESTS.keys())
+@pytest.mark.parametrize("kind", ["StopIteration", "StopAsyncIteration"])
+def test_candidate_stop_iteration_does_not_end_the_tests_early(tests, kind, no_survivors):
+    verdict = judge(f"def square(x):\n    raise {kind}\n", tests, "square", None, PASSING)
+    assert not verdict.passed and f"CandidateError: {kind}" in verdict.reason, verdict.reason
+    if kind == "StopIteration":
+        assert judge(CORRECT, tests, "square", None, PASSING).passed  # control: the tests do pay a right answer
+
+
+def test_malformed_answer_reaching_the_harness_is_not_an_exception_the_tests_can_catch():
+    """The trainer checks every answer, but should a malformed one reach the harness, the
+    wire's ValueError must not be swallowed by a test that expects ValueError from the candidate."""
+    import io
+
+    from brainforge.rewards import harness, wire
+
+    tests = "def check(candidate):\n    try:\n        candidate(-1)\n    except ValueError:\n        pass\n"
+    for answer in (b'{"return": ["d", ["l"], 1]}\n', b'{"return": ["f", "x"]}\n', b'{"raise": [1, 2]}\n', b"garbage\n", b""):
+        channel = harness._Channel(wire, io.BytesIO(answer), io.BytesIO())
+        with pytest.raises(harness.CandidateGone, match="malformed answer"):
+            harness.run_tests({"prefix": None, "tests": tests, "entry_point": "f", "names": ["f"]}, channel.proxy)
+    channel = harness._Channel(wire, io.BytesIO(b'{"raise": ["ValueError", "negative"]}\n'), io.BytesIO())
+    harness.run_tests({"prefix": None, "tests": tests, "entry_point": "f", "names": ["f"]}, channel.proxy)  # control
+
+
+def test_fence_followed_by_blanks_does_not_stall_the_trainer(no_survivors):
+    """The code is cut out of the completion in the trainer, before any sandbox or clock:
+    a fence, 200k spaces and no newline once took ~50 s of backtracking there."""
+    completion = "```" + " " * 200_000 + "x\n" + WRONG
+    started = time.monotonic()
+    assert code_execution(["p"], [completion], tests=[SQUARE_TESTS], entry_point=["square"], wall_seconds=60) == [0.0]
+    assert time.monotonic() - started < 30
+
+
+def test_a_crash_dumps_no_core_not_even_to_a_piped_handler(no_survivors):
+    """RLIMIT_CORE is 1, not 0: the kernel ignores 0 for a piped core_pattern (apport,
+    systemd-coredump run as root on the host for every crash) and refuses to pipe at 1."""
+    crash = ("import os, resource\npid = os.fork()\nif pid == 0:\n    os.chdir('/tmp')\n    os.abort()\n"
+             "_, status = os.waitpid(pid, 0)\n"
+             "print(resource.getrlimit(resource.RLIMIT_CORE), os.WCOREDUMP(status), sorted(os.listdir('/tmp')))\n")
+    result = run_python(crash, PASSING)
+    assert result.stdout.strip() == "(1, 1) False []", result.stderr[-2000:]
 
 
 # -- 6. as an ordinary user -----------------------------------------------------------

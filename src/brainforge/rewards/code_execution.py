@@ -8,9 +8,11 @@ Two sandboxes per completion (see `sandbox` for the isolation and the threat mod
   HumanEval's `poly`) and `tests` in `harness`, with the entry point (or, without one,
   every top-level callable the candidate defines) bound to proxies, then
   `check(entry_point)` when the dataset names an entry point (HumanEval's layout).
-This process relays each proxy call to the candidate and each answer back, decoding the
-candidate's bytes as strict data (`wire`) first. Reward 1.0 when the harness's verdict is
-passed and the candidate answered every call; else 0.0. Rows without tests score None.
+This process relays each proxy call to the candidate and each answer back, checking first
+that the candidate's bytes are strict data (`wire.validate`) without building its values
+(hashing chosen values can take minutes here; the harness decodes them, under its limits).
+Reward 1.0 when the harness's verdict is passed and the candidate answered every call;
+else 0.0. Rows without tests score None.
 
 The candidate's exit status, printed text and objects decide nothing, and the tests
 never enter its sandbox.
@@ -29,7 +31,9 @@ from brainforge.rewards.sandbox import Sandbox, SandboxFailure, SandboxLimits, p
 
 log = logging.getLogger(__name__)
 
-CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+# One run of blanks before the newline: with two (`[ \t]*(?:python|py)?[ \t]*`) a fence followed by
+# 100k spaces and no newline backtracks quadratically (about 10 s here, in the trainer, unbounded).
+CODE_BLOCK = re.compile(r"```[ \t]*(?:py(?:thon)?[ \t]*)?\n(.*?)```", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ def _relay(candidate: Sandbox, call: dict, deadline: float) -> tuple[dict, str |
     try:
         reply = candidate.request(request, deadline)
         if "return" in reply:
-            return {"return": wire.encode(wire.decode(reply["return"]))}, None  # fresh, canonical data
+            return {"return": wire.validate(reply["return"])}, None  # checked as data; decoded by the harness only
         if "raise" in reply:
             return {"raise": list(wire.check_exception_info(reply["raise"]))}, None
         raise wire.WireError(f"unexpected message with keys {sorted(reply)[:5]}")

@@ -5,8 +5,9 @@ It runs in its own sandbox (see `sandbox`), separate from the candidate's: the c
 cannot signal it, read its memory, write its pipes or see its files, so nothing the
 candidate does (exiting, printing "OK", hooking `sys.excepthook`, returning an object
 whose `__eq__` is always True) reaches the verdict. The parent relays each proxy call to
-the candidate and passes back only wire-decoded data (fresh builtin values), so every
-comparison in the tests runs here, on values the candidate never held.
+the candidate and passes back only validated wire data, decoded here into fresh builtin
+values, so every comparison in the tests runs here, on values the candidate never held.
+An answer that does not decode makes the candidate gone (below), never a plain exception.
 
 Protocol with the parent (one JSON object per line; see `wire`):
     in:  {"job": {"prefix": str|null, "tests": str, "entry_point": str|null, "names": [...]}}
@@ -14,9 +15,13 @@ Protocol with the parent (one JSON object per line; see `wire`):
     out: {"verdict": "passed"} | {"verdict": "failed", "reason": str}
 
 A candidate exception comes back as its builtin type when that is a builtin `Exception`
-subclass (a test may expect `ValueError`), else as `CandidateError`. A candidate that died,
-timed out or broke the protocol raises `CandidateGone`, a BaseException so that a test's
-`except Exception` cannot swallow it, and the verdict is failed whatever the tests do next.
+subclass (a test may expect `ValueError`), else as `CandidateError`; so do StopIteration
+and StopAsyncIteration, which the tests' own code would read as "no more items" (a
+candidate raising them would end `for got in map(candidate, xs)` early or make
+`all(map(candidate, xs))` true; PEP 479 turns them into RuntimeError in generators for
+the same reason). A candidate that died, timed out or broke the protocol raises
+`CandidateGone`, a BaseException so that a test's `except Exception` cannot swallow it,
+and the verdict is failed whatever the tests do next.
 
 Runs with `python3 -I -S` from the sandbox bootstrap: standard library only; `main` gets
 the wire module as an argument.
@@ -112,19 +117,28 @@ class _Channel:
             raise NotData(f"an argument to {name} cannot cross the sandbox boundary: {exc}") from None
         self.replies.write(line)
         self.replies.flush()
-        reply = wire.loads(self.requests.readline(wire.MAX_MESSAGE_BYTES + 1))
-        if "return" in reply:
-            return wire.decode(reply["return"])
-        if "raise" in reply:
-            raise rebuild_exception(*wire.check_exception_info(reply["raise"]))
-        self.gone = str(reply.get("gone", "no answer"))
-        raise CandidateGone(self.gone)
+        try:  # a WireError is a ValueError: the tests' `except ValueError` must never see one
+            reply = wire.loads(self.requests.readline(wire.MAX_MESSAGE_BYTES + 1))
+            if "return" in reply:
+                return wire.decode(reply["return"])
+            if "raise" in reply:
+                error: BaseException = rebuild_exception(*wire.check_exception_info(reply["raise"]))
+            else:
+                self.gone = str(reply.get("gone", "no answer"))
+                error = CandidateGone(self.gone)
+        except wire.WireError as exc:
+            self.gone = f"malformed answer: {exc}"
+            error = CandidateGone(self.gone)
+        raise error
+
+
+_ITERATION_END = (StopIteration, StopAsyncIteration)  # control flow to the tests' loops: never rebuilt
 
 
 def rebuild_exception(type_name: str, message: str) -> Exception:
     """The candidate's exception as a builtin Exception type, or CandidateError."""
     cls = getattr(builtins, type_name, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
+    if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, _ITERATION_END):
         try:
             return cls(message)
         except Exception:  # e.g. UnicodeDecodeError needs five arguments

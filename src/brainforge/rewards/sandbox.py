@@ -37,8 +37,15 @@ What isolates what, and why:
   - `--die-with-parent` and a new session: the sandbox dies with the trainer and cannot
     inject into a controlling terminal.
 * rlimits, set by the bootstrap before the candidate's code is read (hard limits, so they
-  cannot be raised back): CPU seconds, address space, file size, process count (counted
-  per user namespace, so per sandbox), no core dumps.
+  cannot be raised back): CPU seconds, address space (per process, so a sandbox can hold
+  up to max_processes x memory_mb), file size, process count (counted per user namespace,
+  so per sandbox), open files, no core dumps (not even to a piped core_pattern).
+* A seccomp filter (`--add-seccomp-fd`) refuses the calls that hold memory outside the
+  address-space limit and unbounded by anything else here: `memfd_create`, `memfd_secret`
+  and System V `shmget` (their pages stay allocated once unmapped: 1.2 GB held under a
+  256 MB limit in a test), `io_uring_setup`; and every call of another ABI (x32, i386),
+  which would bypass a filter written for this one. Open files are capped so that socket
+  buffers, kernel memory outside the limit too, stay small.
 * Wall clock, per call and in total: past it the sandbox's PID 1 is SIGKILLed through a
   pidfd (so a recycled PID can never be hit) and the call waits until the kernel has torn
   down the whole namespace.
@@ -54,10 +61,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import pwd
 import selectors
 import shutil
 import signal
+import struct
 import subprocess
 import time
 from dataclasses import dataclass
@@ -163,17 +172,19 @@ class Sandbox:
         self._stderr_dropped = 0
         self._script = False  # run_script: stdout is output (capped), not protocol messages
         self._open_fds: set[int] = set()
+        seccomp_fd = _seccomp_pipe()
         info_read, info_write = os.pipe()
         try:
             self._process = subprocess.Popen(
-                _command(program, limits, info_write), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, pass_fds=(info_write,), env={}, start_new_session=True, **_drop_root(),
+                _command(program, limits, info_write, seccomp_fd), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, pass_fds=(info_write, seccomp_fd), env={}, start_new_session=True, **_drop_root(),
             )
         except OSError as exc:
             os.close(info_read)
             raise SandboxUnavailable(f"cannot start bubblewrap as the sandbox user ({exc}); {BWRAP_FIX}") from None
         finally:
             os.close(info_write)
+            os.close(seccomp_fd)
         self._in = self._process.stdin.fileno()
         self._out = self._process.stdout.fileno()
         self._err = self._process.stderr.fileno()
@@ -400,13 +411,17 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
 
 
 # -- the bubblewrap command -----------------------------------------------------------
-def _command(program: str, limits: SandboxLimits, info_fd: int) -> list[str]:
+def _command(program: str, limits: SandboxLimits, info_fd: int, seccomp_fd: int) -> list[str]:
     rlimits = {
         "RLIMIT_CPU": int(limits.cpu_seconds),
         "RLIMIT_AS": int(limits.memory_mb) << 20,
         "RLIMIT_FSIZE": int(limits.scratch_bytes),
         "RLIMIT_NPROC": int(limits.max_processes),
-        "RLIMIT_CORE": 0,
+        # 1, not 0: the kernel ignores RLIMIT_CORE for a piped core_pattern (apport, systemd-coredump),
+        # so with 0 every crash the candidate provokes would start a root helper on the host; 1 is the
+        # documented "no piped dump" value, and below one page no core file is written either.
+        "RLIMIT_CORE": 1,
+        "RLIMIT_NOFILE": MAX_OPEN_FILES,
     }
     return [
         _bwrap(), "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session", "--as-pid-1",
@@ -415,9 +430,50 @@ def _command(program: str, limits: SandboxLimits, info_fd: int) -> list[str]:
         "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
         "--size", str(int(limits.scratch_bytes)), "--tmpfs", "/tmp", "--remount-ro", "/",
         "--chdir", "/tmp", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
-        "--setenv", "LANG", "C.UTF-8", "--info-fd", str(info_fd),
+        "--setenv", "LANG", "C.UTF-8", "--info-fd", str(info_fd), "--add-seccomp-fd", str(seccomp_fd),
         "--", SANDBOX_PYTHON, "-I", "-S", "-B", "-c", BOOTSTRAP, json.dumps(rlimits), _source("wire"), program,
     ]
+
+
+# -- the seccomp filter ----------------------------------------------------------------
+MAX_OPEN_FILES = 128
+# (audit arch, {syscall: number}) per machine; the numbers are the kernel's, per ABI.
+_SECCOMP_ARCHES = {
+    "x86_64": (0xC000003E, {"memfd_create": 319, "shmget": 29, "io_uring_setup": 425, "memfd_secret": 447}),
+    "aarch64": (0xC00000B7, {"memfd_create": 279, "shmget": 194, "io_uring_setup": 425, "memfd_secret": 447}),
+}
+_X32_SYSCALL_BIT = 0x40000000
+_EPERM = 1
+
+
+@lru_cache(maxsize=None)
+def seccomp_filter() -> bytes:
+    """The classic-BPF program bwrap installs: EPERM for the refused calls and for any call
+    of another ABI (another audit arch, or x32 numbers), everything else allowed."""
+    machine = platform.machine()
+    if machine not in _SECCOMP_ARCHES:
+        raise SandboxUnavailable(f"the code sandbox has no seccomp filter for {machine} (only {', '.join(_SECCOMP_ARCHES)}); "
+                                 "add its audit arch and syscall numbers to sandbox._SECCOMP_ARCHES")
+    arch, numbers = _SECCOMP_ARCHES[machine]
+    load_word, jump_eq, jump_ge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    allow, deny = 0x7FFF0000, 0x00050000 | _EPERM  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    checks = [(jump_ge, _X32_SYSCALL_BIT)] + [(jump_eq, number) for number in sorted(numbers.values())]
+    program = [(load_word, 0, 0, 4), (jump_eq, 1, 0, arch), (ret, 0, 0, deny), (load_word, 0, 0, 0)]  # arch, then nr
+    for index, (op, value) in enumerate(checks):
+        program.append((op, len(checks) - index, 0, value))  # jump to the final `deny`
+    program += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
+    return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
+
+
+def _seccomp_pipe() -> int:
+    """A pipe's read end holding the filter (far below a pipe's buffer), for bwrap to read."""
+    program = seccomp_filter()
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, program)
+    finally:
+        os.close(write_end)
+    return read_end
 
 
 @lru_cache(maxsize=None)

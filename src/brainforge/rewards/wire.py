@@ -20,6 +20,11 @@ Encoding (one JSON value per Python value):
 Only exact builtin types are accepted (`type(x) is int`): subclasses, custom objects,
 functions, generators cannot cross.
 
+`validate` checks this form without building it. The trainer's process uses it on what a
+candidate sends and leaves `decode` to the sandboxed harness: building a set or dict hashes
+the candidate's values, and ints chosen to share one hash (multiples of 2**61 - 1) make that
+quadratic, over a minute of CPU for one 1 MB answer, where no wall clock applies.
+
 Messages are one JSON object per line (ASCII only, so a newline always ends a message).
 
 This module runs inside the sandboxes too (with `python3 -I -S`): standard library only,
@@ -100,6 +105,39 @@ def decode(data: Any, depth: int = 0) -> Any:
     except (TypeError, UnicodeError, binascii.Error) as exc:  # unhashable key or set member, bad base64
         raise WireError(f"malformed {tag!r} value: {exc}") from None
     raise WireError(f"unknown or malformed tag {tag[:20]!r}")
+
+
+def validate(data: Any, depth: int = 0, hashable: bool = False) -> Any:
+    """`data` itself when `decode` accepts it (and its ints are within `encode`'s bound), else
+    WireError; linear time, and it hashes nothing. `hashable`: `data` is a set member or a
+    dict key, so no list, set or dict may be inside it."""
+    if depth > MAX_DEPTH:
+        raise WireError(f"value nested deeper than {MAX_DEPTH} levels")
+    kind = type(data)
+    if data is None or kind is bool or kind is str:
+        return data
+    if kind is int:
+        if data.bit_length() > _MAX_INT_BITS:
+            raise WireError(f"integer with more than {MAX_INT_DIGITS} digits")
+        return data
+    if kind is not list or not data or type(data[0]) is not str:
+        raise WireError(f"malformed value of JSON type {kind.__name__}")
+    tag, items = data[0], data[1:]
+    if tag == "f" and len(items) == 1:
+        _float(items[0])
+    elif tag == "c" and len(items) == 2:
+        _float(items[0])
+        _float(items[1])
+    elif tag == "b" and len(items) == 1 and type(items[0]) is str:
+        decode(data)
+    elif tag in _BUILDERS or (tag == "d" and len(items) % 2 == 0):
+        if hashable and tag in ("l", "s", "d"):
+            raise WireError(f"malformed {tag!r} value: unhashable as a set member or dict key")
+        for index, item in enumerate(items):
+            validate(item, depth + 1, tag in ("s", "fs") or (hashable and tag == "t") or (tag == "d" and index % 2 == 0))
+    else:
+        raise WireError(f"unknown or malformed tag {tag[:20]!r}")
+    return data
 
 
 def _float(text: Any) -> float:
