@@ -69,3 +69,16 @@ def test_seed_reward_routes_and_clamps():
     rewards = seed_reward(["Write python code", "Use a tool", "Hi"], [GOOD_CODE, "nothing", "Okay."])
     assert rewards == pytest.approx([0.6, -0.3, -0.3])
     assert all(-1 <= r <= 1 for r in seed_reward(["x"], ["a" * 5]))
+
+
+def test_a_fence_followed_by_blanks_does_not_stall_the_reward():
+    """The code-block pattern once had two adjacent blank runs: quadratic backtracking on a fence
+    followed by many spaces (200k spaces took minutes). A policy under RL finds such inputs."""
+    import time
+
+    from brainforge.rewards.seed import CODE_BLOCK
+
+    started = time.process_time()
+    assert CODE_BLOCK.findall("```" + " " * 200_000) == []
+    assert time.process_time() - started < 5  # linear: ~0.03 s; the old pattern needed ~100 s
+    assert CODE_BLOCK.findall("```python \nx = 1\n``` ```\ny\n```") == ["x = 1\n", "y\n"]

@@ -28,7 +28,7 @@ from typing import Any
 
 from brainforge.rewards.tools import get_tool
 
-CODE_BLOCK = re.compile(r"```[ \t]*[\w+-]*[ \t]*\n(.*?)```", re.DOTALL)
+CODE_BLOCK = re.compile(r"```[ \t]*(?:[\w+-]+[ \t]*)?\n(.*?)```", re.DOTALL)  # linear: no two adjacent blank runs
 CALL_BLOCK = re.compile(r"<function_call>(.*?)</function_call>", re.DOTALL)
 WORD = re.compile(r"[a-zA-Z][a-zA-Z']+")
 STOP_WORDS = frozenset(
