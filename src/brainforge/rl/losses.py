@@ -4,15 +4,24 @@ Shapes: N completions (B prompts x G), T completion tokens (padded). All per-tok
 are [N, T]; `mask` is 1 on tokens that get a gradient (0 on padding, on tool/retrieved
 tokens, and on whole truncated completions when those are masked).
 
-Aggregation modes differ only in the denominator (ALGORITHMS.md section 2):
-    grpo     mean over sequences of (sum_t m*l / sum_t m)   -- length-biased
-    bnpo     sum m*l / sum m over this micro-batch
-    dapo     sum m*l / (active tokens of the whole accumulated batch / num_processes)
-    dr_grpo  sum m*l / (N * max_completion_length)          -- constant
+Aggregation modes differ only in the denominator (ALGORITHMS.md section 2). Every
+denominator is a *whole-step* quantity (`StepTotals`), so splitting a step into
+micro-batches changes neither the loss nor its gradient, whatever the mode:
+    grpo     sum over sequences of (sum_t m*l / sum_t m) / N            -- length-biased
+    bnpo     sum m*l / active tokens of this process's whole step batch
+    dapo     sum m*l / (active tokens of the step on all processes / num_processes)
+    dr_grpo  sum m*l / (N * max_completion_length)                     -- constant per row
+N is the number of completions that take part (a completion with no reward, NaN, takes no
+part: mask 0 and not counted; a masked truncated completion still counts, as in TRL), over
+all processes / num_processes. DDP averages gradients over processes, so dapo, grpo and
+dr_grpo give the single-process result on the union of the processes' batches. bnpo is the
+one mode normalised per process (TRL's bnpo normalises per micro-batch, which made the
+result depend on micro_batch_size); on one process it equals dapo.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,6 +55,41 @@ class GRPOLossConfig:
     """Dr. GRPO's constant denominator per sequence."""
 
 
+@dataclass(frozen=True)
+class StepTotals:
+    """Whole-step quantities that micro-batch losses are normalised by, so that the
+    micro-batch losses of a step add up to the step's loss however it is split."""
+
+    rows: int
+    """Completions that take part in this process's step batch (those with a reward)."""
+    tokens: float
+    """Active (mask = 1) completion tokens in this process's step batch."""
+    rows_global: int
+    """`rows` summed over all processes (= rows on one process)."""
+    tokens_global: float
+    """`tokens` summed over all processes (= tokens on one process)."""
+    world_size: int = 1
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, rows: int | None = None) -> "StepTotals":
+        """Totals of a step batch's [N, T] loss mask (`rows`: how many of its N rows take
+        part; default N). Under torch.distributed the counts are summed over all processes,
+        so every process must call this once per step."""
+        counts = [float(mask.shape[0] if rows is None else rows), float(mask.sum())]
+        world, global_counts = 1, counts
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                device = mask.device
+                if torch.distributed.get_backend() == "nccl" and device.type != "cuda":
+                    device = torch.device("cuda", torch.cuda.current_device())
+                summed = torch.tensor(counts, dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(summed)
+                global_counts = summed.tolist()
+        return cls(rows=int(counts[0]), tokens=counts[1], rows_global=int(global_counts[0]), tokens_global=global_counts[1],
+                   world_size=world)
+
+
 def grpo_loss(
     logps: torch.Tensor,                   # [N, T] log pi_theta of the sampled tokens
     advantages: torch.Tensor,              # [N]
@@ -54,12 +98,17 @@ def grpo_loss(
     old_logps: torch.Tensor | None = None,  # [N, T]; None means on-policy (ratio exactly 1)
     ref_logps: torch.Tensor | None = None,  # [N, T]; needed when beta > 0
     active_tokens_global: float | None = None,
+    totals: StepTotals | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss to minimise and detached statistics."""
-    mask = mask.to(logps.dtype)
-    old = logps.detach() if old_logps is None else old_logps
+    """Loss to minimise and detached statistics (means over this call's active tokens,
+    and `tokens`, their count, to weight them when averaging over micro-batches).
+
+    `totals` describes the whole step this call is a micro-batch of; without it the call
+    is its own step (and `active_tokens_global`, if given, is dapo's global token count)."""
+    mask = mask.to(device=logps.device, dtype=logps.dtype)  # rollout tensors live on the CPU
+    old = logps.detach() if old_logps is None else old_logps.to(logps.device)
     ratio = torch.exp(logps - old)                                                    # [N, T]
-    adv = advantages.unsqueeze(1)                                                     # [N, 1]
+    adv = advantages.to(device=logps.device, dtype=logps.dtype).unsqueeze(1)          # [N, 1]
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - config.epsilon_low, 1 + config.epsilon_high) * adv
     per_token = -torch.min(unclipped, clipped)                                        # [N, T]
@@ -67,10 +116,10 @@ def grpo_loss(
     if config.beta > 0:
         if ref_logps is None:
             raise ValueError("beta > 0 needs reference log-probs")
-        kl = k3_kl(logps, ref_logps)                                                  # [N, T]
+        kl = k3_kl(logps, ref_logps.to(logps.device))                                 # [N, T]
         per_token = per_token + config.beta * kl
 
-    loss = aggregate(per_token, mask, config, active_tokens_global)
+    loss = aggregate(per_token, mask, config, active_tokens_global, totals=totals)
 
     with torch.no_grad():
         is_clipped = ((ratio < 1 - config.epsilon_low) & (adv < 0)) | ((ratio > 1 + config.epsilon_high) & (adv > 0))
@@ -78,22 +127,71 @@ def grpo_loss(
             "clip_fraction": float(masked_mean(is_clipped.to(mask.dtype), mask)),
             "ratio_mean": float(masked_mean(ratio, mask)),
             "kl": float(masked_mean(kl, mask)) if kl is not None else 0.0,
+            "tokens": float(mask.sum()),
         }
     return loss, stats
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, config: GRPOLossConfig, active_tokens_global: float | None = None) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, config: GRPOLossConfig, active_tokens_global: float | None = None,
+              *, totals: StepTotals | None = None) -> torch.Tensor:
+    """This micro-batch's share of the step loss (see the module docstring)."""
+    if totals is None:
+        tokens = float(mask.sum())
+        rows = int(per_token.shape[0])
+        totals = StepTotals(rows=rows, tokens=tokens, rows_global=rows,
+                            tokens_global=active_tokens_global if active_tokens_global is not None else tokens)
     masked = per_token * mask
+    rows_per_process = max(totals.rows_global, 1) / totals.world_size   # DDP averages gradients over processes
     if config.loss_type == "grpo":
-        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / rows_per_process
     if config.loss_type == "bnpo":
-        return masked.sum() / mask.sum().clamp(min=1)
+        return masked.sum() / max(totals.tokens, 1.0)
     if config.loss_type == "dapo":
-        denominator = active_tokens_global if active_tokens_global is not None else float(mask.sum())
-        return masked.sum() / max(denominator, 1.0)
+        return masked.sum() / (max(totals.tokens_global, 1.0) / totals.world_size)
     if config.loss_type == "dr_grpo":
-        return masked.sum() / (per_token.shape[0] * config.max_completion_length)
+        return masked.sum() / (rows_per_process * config.max_completion_length)
     raise ValueError(f"unknown loss_type {config.loss_type!r}; use grpo, bnpo, dapo or dr_grpo")
+
+
+TOKEN_STATS = ("clip_fraction", "ratio_mean", "kl")
+
+
+def loss_pass(
+    logps_fn: Callable[[slice], torch.Tensor],
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: GRPOLossConfig,
+    totals: StepTotals,
+    micro_batch_size: int | None = None,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+) -> tuple[float, dict[str, float]]:
+    """One gradient pass over a step batch in micro-batches: `logps_fn(rows)` gives the
+    policy log-probs [n, T] of those rows (with grad), each micro-batch's loss is
+    back-propagated with `backward` as soon as it is computed (so only one micro-batch's
+    activations are alive), and the gradients add up to the whole batch's.
+
+    Returns the step loss and the token-level statistics averaged over the whole batch's
+    active tokens (each micro-batch weighted by its tokens, not summed, not averaged
+    per micro-batch)."""
+    rows = int(mask.shape[0])
+    micro = micro_batch_size or rows
+    step_loss, weighted, tokens = 0.0, dict.fromkeys(TOKEN_STATS, 0.0), 0.0
+    for start in range(0, rows, micro):
+        part = slice(start, min(start + micro, rows))
+        loss, stats = grpo_loss(
+            logps_fn(part), advantages[part], mask[part], config,
+            old_logps=old_logps[part] if old_logps is not None else None,
+            ref_logps=ref_logps[part] if ref_logps is not None else None,
+            totals=totals,
+        )
+        backward(loss)
+        step_loss += float(loss.detach())
+        for key in TOKEN_STATS:
+            weighted[key] += stats[key] * stats["tokens"]
+        tokens += stats["tokens"]
+    return step_loss, {key: value / max(tokens, 1.0) for key, value in weighted.items()}
 
 
 def soft_overlong_penalty(lengths: torch.Tensor, max_length: int, cache: int) -> torch.Tensor:

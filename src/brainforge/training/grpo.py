@@ -32,8 +32,9 @@ from brainforge.config import GRPOSettings, TrainingConfig
 from brainforge.data.prompts import PromptExample
 from brainforge.generation.engine import GenerationEngine, Rollout, SamplingParams
 from brainforge.rewards.registry import RewardError, call_reward, resolve_reward
-from brainforge.rl.advantages import group_advantages, zero_std_fraction
-from brainforge.rl.losses import GRPOLossConfig, grpo_loss
+from brainforge.models.modes import eval_mode
+from brainforge.rl.advantages import group_advantages, scored_mask, zero_std_fraction
+from brainforge.rl.losses import TOKEN_STATS, GRPOLossConfig, StepTotals, loss_pass
 from brainforge.training.checkpointing import keep_trainable_state
 from brainforge.data.collate import packed_collate
 from brainforge.data.templates import IGNORE_INDEX, TokenizedExample
@@ -71,6 +72,9 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------ the step
 
     def training_step(self, prompts: list[PromptExample], batch_idx: int) -> torch.Tensor:
+        """One GRPO step: one rollout batch, `num_iterations` optimizer updates on it.
+        `global_step` (checkpoint, log and schedule intervals, `max_steps`) advances once
+        per step, however many updates it makes."""
         K = self.settings.num_generations
         timings: dict[str, float] = {}
 
@@ -82,56 +86,55 @@ class GRPOModule(L.LightningModule):
         clock = time.perf_counter()
         rewards, per_function = self.score(prompts, rollout)                               # [N], {name: [N]}
         advantages = group_advantages(rewards, K, self.settings.scale_rewards)             # [N]
-        mask = rollout.completion_mask.float()                                             # [N, T]
+        scored = scored_mask(rewards)                                                      # [N] no reward: no part in the loss
+        mask = rollout.completion_mask.float() * scored.float()[:, None]                   # [N, T]
         if self.settings.mask_truncated_completions:
             mask = mask * (~rollout.truncated).float()[:, None]
+        totals = StepTotals.of(mask, rows=int(scored.sum()))                               # counts summed over DDP ranks
         timings["rewards"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        old_logps = self.completion_logps(rollout, grad=False)[0] if self.settings.num_iterations > 1 else None
+        old_logps = self.frozen_logps(rollout) if self.settings.num_iterations > 1 else None
         ref_logps = self.reference_logps(rollout) if self.settings.beta > 0 else None
         timings["reference"] = time.perf_counter() - clock
 
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        rows = rollout.completion_ids.shape[0]
-        micro = self.settings.micro_batch_size or rows
-        active_tokens = float(mask.sum())
-        step_loss, stats_sum, entropy_sum = 0.0, {"clip_fraction": 0.0, "kl": 0.0}, 0.0
+        entropy_sum = 0.0
+
+        def policy_logps(rows: slice) -> torch.Tensor:
+            nonlocal entropy_sum
+            logps, entropy = self.completion_logps(rollout, rows=rows, grad=True)
+            entropy_sum += float((entropy * mask[rows].to(entropy.device)).sum())
+            return logps
+
+        iterations = self.settings.num_iterations
+        step_loss, stats_sum = 0.0, dict.fromkeys(TOKEN_STATS, 0.0)
         timings["loss"] = timings["optimizer"] = 0.0
-        for _ in range(self.settings.num_iterations):
+        for iteration in range(iterations):
             clock = time.perf_counter()
-            for start in range(0, rows, micro):
-                part = slice(start, start + micro)
-                logps, entropy = self.completion_logps(rollout, rows=part, grad=True)
-                loss, stats = grpo_loss(
-                    logps, advantages[part], mask[part], self.loss_config,
-                    old_logps=old_logps[part] if old_logps is not None else None,
-                    ref_logps=ref_logps[part] if ref_logps is not None else None,
-                    active_tokens_global=active_tokens,
-                )
-                # dapo divides by the whole step's tokens already; the others average over rows.
-                share = 1.0 if self.settings.loss_type == "dapo" else (min(start + micro, rows) - start) / rows
-                self.manual_backward(loss * share)
-                step_loss += loss.detach().item() * share
-                for key in stats_sum:
-                    stats_sum[key] += stats[key] * share
-                entropy_sum += float((entropy * mask[part]).sum())
+            loss, stats = loss_pass(policy_logps, advantages, mask, self.loss_config, totals, self.settings.micro_batch_size,
+                                    old_logps=old_logps, ref_logps=ref_logps, backward=self.manual_backward)
+            step_loss += loss
+            for key in stats_sum:
+                stats_sum[key] += stats[key]
             timings["loss"] += time.perf_counter() - clock
             clock = time.perf_counter()
             if self.training_cfg.max_grad_norm is not None:
                 self.clip_gradients(optimizer, gradient_clip_val=self.training_cfg.max_grad_norm, gradient_clip_algorithm="norm")
-            optimizer.step()
+            if iteration == iterations - 1:
+                optimizer.step()      # counted: global_step += 1 for the whole rollout batch
+                scheduler.step()
+            else:                     # the same update, not counted as a step
+                self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
             timings["optimizer"] += time.perf_counter() - clock
 
-        iterations = self.settings.num_iterations
         metrics = self.step_metrics(rollout, rewards, per_function, advantages, mask, timings)
         metrics.update(
             loss=step_loss / iterations,
             clip_fraction=stats_sum["clip_fraction"] / iterations,
             kl=stats_sum["kl"] / iterations,
-            entropy=entropy_sum / max(active_tokens, 1.0) / iterations,
+            entropy=entropy_sum / max(totals.tokens, 1.0) / iterations,
         )
         self.record(metrics, prompts, rollout, rewards)
         return torch.tensor(step_loss / iterations)
@@ -204,38 +207,46 @@ class GRPOModule(L.LightningModule):
         return logps, entropy
 
     @torch.no_grad()
+    def frozen_logps(self, rollout: Rollout) -> torch.Tensor:
+        """Log-probs [N, T] under the current weights without gradient, in the same
+        micro-batches as the loss pass (memory, and identical packing: at the same weights
+        they equal the loss pass's values exactly), in eval mode like the sampler that
+        produced the rollout: the behaviour policy of `num_iterations > 1`."""
+        micro = self.settings.micro_batch_size or rollout.completion_ids.shape[0]
+        with eval_mode(self.model):
+            return torch.cat([self.completion_logps(rollout, slice(start, start + micro), grad=False)[0]
+                              for start in range(0, rollout.completion_ids.shape[0], micro)])
+
+    @torch.no_grad()
     def reference_logps(self, rollout: Rollout) -> torch.Tensor:
         """The reference policy: base weights with the adapter disabled, or a frozen
-        reference adapter when `reference_adapter` is set."""
-        micro = self.settings.micro_batch_size or rollout.completion_ids.shape[0]
-        parts = []
-        for start in range(0, rollout.completion_ids.shape[0], micro):
-            part = slice(start, start + micro)
-            if self.settings.reference_adapter:
-                self.model.set_adapter("reference")
-                try:
-                    parts.append(self.completion_logps(rollout, part, grad=False)[0])
-                finally:
-                    self.model.set_adapter("default")
-            else:
-                with self.model.disable_adapter():
-                    parts.append(self.completion_logps(rollout, part, grad=False)[0])
-        return torch.cat(parts)
+        reference adapter when `reference_adapter` is set. Eval mode: the reference's
+        dropout is off while the policy keeps its own train/eval mode for the loss pass."""
+        if not self.settings.reference_adapter:
+            with self.model.disable_adapter():
+                return self.frozen_logps(rollout)
+        self.model.set_adapter("reference")
+        try:
+            return self.frozen_logps(rollout)
+        finally:
+            self.model.set_adapter("default")
 
     # ------------------------------------------------------------------ logging
 
     def step_metrics(self, rollout: Rollout, rewards: torch.Tensor, per_function: dict[str, torch.Tensor],
                      advantages: torch.Tensor, mask: torch.Tensor, timings: dict[str, float]) -> dict[str, float]:
         K = self.settings.num_generations
-        valid = rewards[~torch.isnan(rewards)]
+        scored = scored_mask(rewards)                     # completions with no reward count in no reward/advantage figure
+        valid, scored_advantages = rewards[scored], advantages[scored]
         lengths = rollout.lengths.float()
         metrics = {
             "reward/mean": float(valid.mean()) if len(valid) else math.nan,
             "reward/std": float(valid.std()) if len(valid) > 1 else 0.0,
-            "frac_reward_zero_std": zero_std_fraction(torch.nan_to_num(rewards, nan=0.0), K),
-            "advantage/mean": float(advantages.mean()),
-            "advantage/std": float(advantages.std()),
-            "advantage/abs_mean": float(advantages.abs().mean()),
+            "reward/none_frac": float((~scored).float().mean()),
+            "frac_reward_zero_std": zero_std_fraction(rewards, K),
+            "advantage/mean": float(scored_advantages.mean()) if len(valid) else math.nan,
+            "advantage/std": float(scored_advantages.std()) if len(valid) > 1 else 0.0,
+            "advantage/abs_mean": float(scored_advantages.abs().mean()) if len(valid) else math.nan,
             "completion/length_mean": float(lengths.mean()),
             "completion/length_max": float(lengths.max()),
             "completion/truncated_frac": float(rollout.truncated.float().mean()),

@@ -20,6 +20,7 @@ from brainforge.config import BrainforgeConfig, dump_config
 from brainforge.data.prompts import PromptExample, load_prompts
 from brainforge.data.templates import chat_format
 from brainforge.inference import ChatModel
+from brainforge.models.modes import kept_modes
 from brainforge.training.checkpointing import AdapterCheckpoint, write_adapter
 from brainforge.training.grpo import GRPOModule
 from brainforge.training.run import build_trainer, peak_rss_mb, write_samples
@@ -48,8 +49,9 @@ def run_grpo(config: BrainforgeConfig, run_dir: Path, checkpoint: Path | None, m
 
         raise DataError(f"only {len(prompts)} prompts for prompts_per_step={settings.prompts_per_step}; add prompts or lower algorithm.grpo.prompts_per_step")
     if settings.reference_adapter:
-        model.load_adapter(settings.reference_adapter, adapter_name="reference", is_trainable=False)
-        model.set_adapter("default")
+        with kept_modes(model):  # load_adapter puts the whole model in eval mode: the policy's dropout would be off
+            model.load_adapter(settings.reference_adapter, adapter_name="reference", is_trainable=False)
+        model.set_adapter("default")  # the reference's modules stay in eval mode; its passes run in eval mode anyway
     total_steps = planned_grpo_steps(config, len(prompts))
     module = GRPOModule(model, tokenizer, fmt.template, settings, config.training, total_steps)
     datamodule = PromptDataModule(prompts, settings.prompts_per_step, config.data.num_workers)
@@ -84,12 +86,13 @@ def training_prompts(config: BrainforgeConfig, limit: int | None = None) -> list
 
 
 def planned_grpo_steps(config: BrainforgeConfig, num_prompts: int) -> int:
-    """Optimizer steps: max_steps, or epochs x batches x num_iterations."""
+    """GRPO steps (one rollout batch each, `num_iterations` optimizer updates per step):
+    max_steps, or epochs x batches."""
     settings = config.algorithm.grpo
     if config.training.max_steps is not None:
         return config.training.max_steps
     assert config.training.num_epochs is not None
-    return config.training.num_epochs * (num_prompts // settings.prompts_per_step) * settings.num_iterations
+    return config.training.num_epochs * (num_prompts // settings.prompts_per_step)
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
