@@ -101,7 +101,11 @@ def humaneval_prompts(split: str, eval_size: int) -> list[PromptExample]:
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
     with gzip.open(path, "rt") as handle:
         problems = [json.loads(line) for line in handle]
-    chosen = problems[-eval_size:] if split in ("test", "eval", "validation") else problems[:-eval_size]
+    if not 0 <= eval_size < len(problems):
+        raise DataError(f"humaneval: options.eval_size must be between 0 and {len(problems) - 1} (held-out problems), got {eval_size}")
+    # Cut at an explicit index: `problems[:-0]` would be empty, i.e. eval_size 0 would train on nothing.
+    cut = len(problems) - eval_size
+    chosen = problems[cut:] if split in ("test", "eval", "validation") else problems[:cut]
     out = []
     for problem in chosen:
         prompt = (
