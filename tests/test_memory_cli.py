@@ -43,6 +43,10 @@ def test_ingest_search_ask_end_to_end_with_default_model(tmp_path):
 
 
 def test_cli_errors_and_sop_commands(tmp_path):
+    missing = brainforge("search", "anything", "--store", str(tmp_path / "store"), cwd=tmp_path)
+    assert missing.returncode == 2 and f"no memory store at {tmp_path / 'store'}" in missing.stderr
+    assert "`brainforge ingest PATH... --store" in missing.stderr and not (tmp_path / "store").exists()
+    (tmp_path / "store").mkdir()
     empty = brainforge("search", "anything", "--store", str(tmp_path / "store"), cwd=tmp_path)
     assert empty.returncode == 2 and "is empty; add documents with `brainforge ingest" in empty.stderr
     listed = brainforge("sop", "list", cwd=tmp_path)

@@ -66,10 +66,17 @@ def train(
 ) -> None:
     """Train as the config says (SFT today) and write the run folder."""
     from brainforge.config import load_config
+    from brainforge.training.run import RUN_DIR_ENV
     from brainforge.training.run import train as run_training
+
+    from brainforge.training.preflight import preflight
 
     cfg = load_config(config, set_)
     logging.getLogger("brainforge").setLevel(cfg.logging.level)
+    if RUN_DIR_ENV not in os.environ:  # not in a DDP child, whose parent checked (and holds memory now)
+        estimate = preflight(cfg)  # output folder, adapters, memory: refused here, before any weights load
+        if estimate is not None:
+            _echo(estimate.summary())
     run_dir = run_training(cfg, config, resume=resume)
     _echo(f"\nDone. Outputs in {run_dir}:")
     for name in ("adapter", "tensorboard", "checkpoints", "config.yaml", "metrics.json", "samples.jsonl"):
@@ -89,8 +96,13 @@ def config_validate(config: Path = ConfigArg, set_: Optional[List[str]] = SetOpt
 
     from brainforge.config import load_config
 
+    from brainforge.training.preflight import preflight
+
     cfg = load_config(config, set_)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    estimate = preflight(cfg)
+    typer.echo(estimate.summary() if estimate is not None else
+               f"memory estimate: skipped (no local config.json for model {cfg.model.name_or_path})")
     typer.echo(f"{config}: valid")
 
 
@@ -184,13 +196,18 @@ def merge(
     run: Path = typer.Argument(..., help="A run folder (or adapter folder)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: RUN/merged)."),
     dtype: str = typer.Option("bfloat16", help="Dtype of the saved weights: bfloat16, float16 or float32."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it holds an earlier merge output (other "
+                               "non-empty folders are always refused)."),
 ) -> None:
-    """Merge the adapter into its base and check both agree before declaring success."""
+    """Merge the adapter into its base and check both agree before declaring success.
+
+    Written beside --out and renamed into place when complete: a failed or interrupted merge
+    leaves what was there before."""
     from brainforge.merge import merge_adapter
 
     if dtype not in {"bfloat16", "float16", "float32"}:
         raise BrainforgeError(f"--dtype {dtype}: use bfloat16, float16 or float32")
-    out_dir = merge_adapter(run, out, save_dtype=dtype)
+    out_dir = merge_adapter(run, out, save_dtype=dtype, force=force)
     typer.echo(f"merged model: {out_dir} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
@@ -208,8 +225,11 @@ def eval_command(
 
     from brainforge.config import load_config
     from brainforge.evaluation import run_eval
+    from brainforge.models.loader import resolve_adapter_dir
 
     cfg = load_config(config, set_)
+    if adapter is not None:
+        resolve_adapter_dir(adapter)  # a damaged adapter fails now, not after the base model's evaluation
     results = run_eval(cfg, adapter, k, limit)
     for result in results:
         typer.echo(f"{result.model:60} greedy accuracy {result.greedy_accuracy:.3f}   pass@{result.k} {result.pass_at_k:.3f}   "

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from brainforge.errors import ConfigError
+from brainforge.safe_yaml import MAX_DOCUMENT_CHARS, safe_load
 
 SourceType = Literal["chat", "coding", "function_calling", "language", "prompt"]
 OutputFormat = Literal["chatml", "alpaca", "llama2", "mistral"]
@@ -153,16 +154,31 @@ class TrainingConfig(StrictModel):
     output_dir: str = "outputs"
     """Runs are written to `output_dir/<run_name>/` (relative to the working directory)."""
     run_name: str | None = None
-    """Folder name of this run; default `<config name>-<timestamp>`."""
+    """Folder name of this run; default `<config name>-<timestamp>`. A single folder name:
+    no `/`, `\\`, `..` or absolute path (the run must stay inside `output_dir`)."""
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_folder_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.strip() or value in {".", ".."} or "/" in value or "\\" in value or ".." in value or "\x00" in value:
+            raise ValueError(f"{value!r} must be a plain folder name (no '/', '\\', '..' or absolute path), "
+                             "e.g. my-run; the run folder is always created inside training.output_dir")
+        return value
+
     num_epochs: int | None = Field(None, gt=0)
     """Passes over the training data; ignored when `max_steps` is set."""
     max_steps: int | None = Field(None, gt=0)
-    """Optimizer steps to run. One of `num_epochs` / `max_steps` is required."""
+    """Optimizer steps to run (GRPO: rollout batches, see `algorithm.grpo.num_iterations`).
+    One of `num_epochs` / `max_steps` is required."""
     per_device_batch_size: int = Field(4, gt=0)
-    """Examples (or packed rows) per micro-batch on each device."""
+    """Examples (or packed rows) per micro-batch on each device. SFT only: GRPO sizes its
+    batches with `algorithm.grpo.prompts_per_step` and `micro_batch_size`."""
     gradient_accumulation_steps: int = Field(1, gt=0)
     """Micro-batches per optimizer step; the loss is normalised by the labelled tokens of
-    the whole accumulated batch, so results do not depend on how it is split."""
+    the whole accumulated batch, so results do not depend on how it is split. SFT only:
+    for GRPO raise `algorithm.grpo.prompts_per_step` (and set `micro_batch_size`)."""
     learning_rate: float = Field(2e-4, gt=0)
     """Peak learning rate of AdamW."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
@@ -261,7 +277,15 @@ class GRPOSettings(StrictModel):
     temperature: float = 0.7
     """Sampling temperature; training log-probs are computed at the same temperature."""
     top_p: float = 1.0
-    """Nucleus sampling threshold."""
+    """Nucleus sampling threshold. Only the *sampling* uses the nucleus: every log-prob
+    (the sampler's recorded ones, the policy's, the old policy's of `num_iterations > 1`
+    and the reference's) is taken over the full softmax at `temperature`, so they are
+    consistent with each other and the first update's importance ratio is exactly 1.
+    What it means: the objective, the clipped ratio and the KL are those of the full-softmax
+    policy; a token outside the nucleus is never sampled and gets no direct push, and
+    with `num_iterations > 1` the ratio ignores that the nucleus mass changed. Keep 1.0
+    (the default, and TRL's) unless you want that; renormalising to the nucleus instead
+    would give the KL to the full reference a bonus for shrinking the nucleus."""
     stop_strings: list[str] = Field(default_factory=list)
     """Extra strings that end a completion (EOS always does)."""
     beta: float = 0.04
@@ -275,7 +299,11 @@ class GRPOSettings(StrictModel):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Advantage scaling: group std, batch std, or none (Dr. GRPO)."""
     num_iterations: int = 1
-    """Optimizer passes over each generated batch; > 1 computes old log-probs once."""
+    """Optimizer updates per rollout batch (PPO epochs); > 1 computes the old log-probs
+    once, in `micro_batch_size` pieces. A GRPO *step* is one rollout batch, whatever this
+    is: `global_step`, `training.max_steps`, `save_every_n_steps`, `logging_every_n_steps`,
+    `log_completions_every_n_steps` and the LR schedule count rollout batches, so a run of
+    max_steps: 10 with num_iterations: 2 makes 20 optimizer updates."""
     mask_truncated_completions: bool = False
     """Give truncated completions zero loss (DAPO overlong filtering)."""
     reward_functions: list[RewardFunctionConfig] = Field(default_factory=lambda: [RewardFunctionConfig(name="seed")])
@@ -466,6 +494,15 @@ class BrainforgeConfig(StrictModel):
             problems.append("training.precision: fp16 is not supported on CPU; use bf16 or fp32")
         if self.peft.quantization.load_in_4bit and self.peft.quantization.bnb_4bit_compute_dtype == "float16" and self.hardware.accelerator == "cpu":
             problems.append("peft.quantization.bnb_4bit_compute_dtype: float16 is slow and unsupported on CPU; use bfloat16")
+        if self.algorithm.name == "grpo":
+            defaults = TrainingConfig.model_fields
+            if t.gradient_accumulation_steps != defaults["gradient_accumulation_steps"].default:
+                problems.append("training.gradient_accumulation_steps: not used by algorithm grpo (each step is one rollout batch). "
+                                "Remove it, and raise algorithm.grpo.prompts_per_step for more completions per update "
+                                "(with algorithm.grpo.micro_batch_size to bound memory)")
+            if t.per_device_batch_size != defaults["per_device_batch_size"].default:
+                problems.append("training.per_device_batch_size: not used by algorithm grpo. Remove it, and set "
+                                "algorithm.grpo.micro_batch_size (completions per forward/backward) instead")
         if self.hardware.num_nodes > 1 and self.hardware.strategy == "auto":
             problems.append("hardware.strategy: multi-node runs need an explicit strategy such as ddp or fsdp")
         if problems:
@@ -509,17 +546,29 @@ def resolve_memory_paths(memory: MemoryConfig, base: Path) -> None:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; every way the file can be unusable is a one-line
+    `ConfigError` naming the file (and line), never a traceback or a hang."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}. Pass the path of a YAML file, e.g. configs/sft_demo.yaml")
+        what = "is not a regular file" if path.exists() else "not found"
+        raise ConfigError(f"config file {what}: {path}. Pass the path of a YAML file, e.g. configs/sft_demo.yaml")
+    size = path.stat().st_size
+    if size > MAX_DOCUMENT_CHARS:
+        raise ConfigError(f"{path}: {size:,} bytes is too large for a config file (limit {MAX_DOCUMENT_CHARS:,}); "
+                          "pass the YAML config, not a data or model file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    text = _decode_config(path, data)
+    try:
+        raw = safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {exc.problem}") from exc
+        raise ConfigError(f"{where}: invalid YAML: {_one_line(exc.problem or exc.context)}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: invalid YAML: {_one_line(exc)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -527,21 +576,50 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def _decode_config(path: Path, data: bytes) -> str:
+    """UTF-8 text of a config file, or an error that says where it is not and what to do."""
+    if b"\0" in data[:8192]:
+        raise ConfigError(f"{path}: this is a binary file, not a YAML config; pass the config.yaml itself")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                          "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _one_line(value: Any) -> str:
+    return " ".join(str(value).split())
+
+
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {override!r}: expected key.path=value, e.g. training.max_steps=20")
-    value = yaml.safe_load(text) if text.strip() else None
+    try:
+        value = safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or exc
+        raise ConfigError(f"--set {override}: the value {text!r} is not valid YAML ({_one_line(problem)}); "
+                          "quote it as a string or fix the brackets, e.g. --set 'training.test_prompts=[\"hi\"]'") from None
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
         if isinstance(node, list):
-            node = node[_list_index(part, parts[: i + 1], node)]
-            continue
-        if not isinstance(node.get(part, {}), (dict, list)):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
-        node = node.setdefault(part, {})
+            child = node[_list_index(part, parts[: i + 1], node)]
+        else:
+            child = node.get(part)
+            if child is None:
+                if parts[i + 1].isdigit():
+                    raise ConfigError(f"--set {key}: the config file has no list {where} to index; set the whole list "
+                                      f"instead, e.g. --set '{where}=[...]'")
+                child = node[part] = {}
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"--set {key}: {where} is a single value ({type(child).__name__}), not a section or list, "
+                              f"so it has no key '{parts[i + 1]}'; set {where}=... instead")
+        node = child
     last = parts[-1]
     if isinstance(node, list):
         node[_list_index(last, parts, node)] = value
@@ -575,9 +653,15 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         else:
             message = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            shown = "" if isinstance(got, dict) else f" (got {_short_repr(got)})"
             lines.append(f"  - {key}: {message}{shown}")
     return "\n".join(lines)
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    """A value as shown in an error: long ones are cut, so a huge value cannot flood the terminal."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
 def _suggestion(loc: list[str]) -> str:

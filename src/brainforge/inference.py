@@ -17,7 +17,7 @@ from brainforge.config import ModelConfig
 from brainforge.errors import ModelError
 from brainforge.generation.engine import chat_stop_ids
 from brainforge.hardware import resolve_dtype
-from brainforge.models.loader import adapter_base_model, load_adapter, load_base_model, load_tokenizer, resolve_model_path
+from brainforge.models.loader import adapter_base_model, check_adapter_folder, load_adapter, load_base_model, load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def load_chat_model(
             adapter = adapter / "adapter"
         if not adapter.is_dir():
             raise ModelError(f"adapter not found: {adapter}")
+        check_adapter_folder(adapter)  # before the base model loads: a damaged folder fails in a second
         model = model or adapter_base_model(adapter)
     assert model is not None
     path = resolve_model_path(model)

@@ -38,7 +38,10 @@ def ingest(
     config: Optional[Path] = MemoryConfigOpt,
     store: Optional[Path] = StoreOpt,
     overrides: Optional[List[str]] = MemorySetOpt,
-    rebuild: bool = typer.Option(False, "--rebuild", help="Delete the store's contents first and ingest from scratch."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Build the store again from scratch, beside the old one, and swap "
+                                 "it in when complete (refused if the folder is not a brainforge store)."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Follow symlinks that lead out of the given "
+                                         "folders (by default they are skipped and listed)."),
 ) -> None:
     """Chunk, embed and index documents and code into the memory store (incremental)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -54,12 +57,16 @@ def ingest(
         def on_progress(done: int, total: int, current: str) -> None:
             progress.update(task, completed=done, total=total, description=current[-60:])
 
-        report = memory_store.ingest([str(p) for p in paths], rebuild=rebuild, on_progress=on_progress)
+        report = memory_store.ingest([str(p) for p in paths], rebuild=rebuild, on_progress=on_progress,
+                                     follow_symlinks=follow_symlinks)
     typer.echo(f"store: {memory.store}")
     typer.echo(f"files: {report.files_found} found, {report.files_ingested} ingested, {report.files_unchanged} unchanged, "
                f"{report.files_removed} removed, {len(report.skipped)} skipped")
     typer.echo(f"chunks: {report.chunks_added} added, {report.chunks_removed} removed, {report.chunks_total} in store "
                f"({report.seconds:.1f} s, {report.chunks_per_second:.1f} chunks/s embedded)")
+    if report.chunks_restored:
+        typer.echo(f"restored: {report.chunks_restored} committed chunks had no vectors in the index (deleted or damaged) "
+                   "and were embedded again")
     if report.line_chunked:
         kinds = ", ".join(f"{ext} x{n}" for ext, n in sorted(report.line_chunked.items()))
         typer.echo(f"no parser for: {kinds} (chunked by lines)")
@@ -85,7 +92,9 @@ def search(
     from brainforge.memory.store import MemoryStore
 
     memory = _memory_config(config, store, overrides)
-    retriever = HybridRetriever(MemoryStore(memory), memory.retrieval)
+    memory_store = MemoryStore(memory)
+    memory_store.require_existing()
+    retriever = HybridRetriever(memory_store, memory.retrieval)
     result = retriever.search(query, top_k=top_k)
     timing = ", ".join(f"{stage} {ms:.0f} ms" for stage, ms in result.milliseconds.items())
     typer.echo(f"stages: {' -> '.join(result.stages)}  ({result.candidates} candidates; {timing})")
@@ -112,9 +121,12 @@ def ask(
     """Answer a question from memory: routed, retrieved, with an SOP when one fits, cited."""
     from brainforge.inference import load_chat_model
     from brainforge.memory.assistant import MemoryAssistant
+    from brainforge.memory.store import MemoryStore
 
     memory = _memory_config(config, store, overrides)
-    assistant = MemoryAssistant(memory)
+    memory_store = MemoryStore(memory)
+    memory_store.require_existing()  # before loading any model
+    assistant = MemoryAssistant(memory, memory_store)
     messages, context = assistant.messages(question)
     chat_model = load_chat_model(adapter, model)
     answer = chat_model.generate([messages], max_new_tokens=max_new_tokens)[0]
@@ -183,7 +195,13 @@ def sop_validate(files: List[Path] = typer.Argument(..., help="SOP files or fold
     """Check SOP files; errors name the file and the field."""
     from brainforge.memory.sop import SOPManager, load_sop_file, sop_files
 
-    sops = [load_sop_file(path) for path in sop_files(files)]
+    skipped: list[tuple[Path, str]] = []
+    paths = sop_files(files, skipped)
+    for path, reason in skipped:
+        typer.echo(f"skipped {path}: {reason}")
+    if not paths:
+        raise StoreError(f"no SOP files (*.yaml, *.yml, *.json) to validate in {', '.join(map(str, files))}")
+    sops = [load_sop_file(path) for path in paths]
     SOPManager(sops)  # also checks names are unique
     for sop in sops:
         typer.echo(f"ok: {sop.name} ({len(sop.steps)} steps)")

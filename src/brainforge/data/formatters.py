@@ -15,6 +15,11 @@ from typing import Any, Callable
 from brainforge.errors import DataError
 
 Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+TEXT_FIELDS = ("prompt", "response", "system", "instruction", "input", "output", "query")
+"""Fields that must hold text. A list, mapping or boolean there is refused rather than
+trained as its Python repr (`['a', 'b']`); numbers are refused too, except from CSV files,
+where the reader types a column of digits as numbers."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,8 @@ def _chat_messages(row: dict[str, Any]) -> list[Message]:
     messages = row.get("messages")
     if messages is not None:
         if isinstance(messages, str):
-            messages = json.loads(messages)
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+            messages = _as_json(messages, "messages")
+        return _checked_messages(messages)
     if row.get("prompt") is None or row.get("response") is None:
         raise KeyError("prompt")
     out: list[Message] = []
@@ -49,6 +54,50 @@ def _chat_messages(row: dict[str, Any]) -> list[Message]:
     out.append({"role": "user", "content": str(row["prompt"]).strip()})
     out.append({"role": "assistant", "content": str(row["response"]).strip()})
     return out
+
+
+def _checked_messages(messages: Any) -> list[Message]:
+    """A `messages` value as a list of {role, content} with known roles and text content."""
+    if not isinstance(messages, list):
+        raise ValueError(f"field 'messages' must be a list of {{role, content}} objects, got {type(messages).__name__}")
+    out: list[Message] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"messages[{index}] must be an object with 'role' and 'content', got {_short(message)}")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise ValueError(f"messages[{index}] has role {_short(role)}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{index}].content must be text, got {type(content).__name__} {_short(content)}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def check_row(row: dict[str, Any], mapping: dict[str, str], allow_numbers: bool = False) -> None:
+    """Check the types of a raw row's mapped fields (text fields hold text, `messages` is a
+    list of {role, content}) without formatting it; raises ValueError naming the field."""
+    check_field_types({field: row.get(column) for field, column in mapping.items()}, allow_numbers)
+
+
+def check_field_types(row: dict[str, Any], allow_numbers: bool = False) -> None:
+    """Refuse a text field holding a list, mapping, boolean (or number, see TEXT_FIELDS),
+    and a `messages` value that is not a list of {role, content} with known roles."""
+    messages = row.get("messages")
+    if messages is not None and not isinstance(messages, str):
+        _checked_messages(messages)
+    for field in TEXT_FIELDS:
+        value = row.get(field)
+        if value is None or isinstance(value, str):
+            continue
+        if allow_numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+            continue
+        raise ValueError(f"field '{field}' must be text, got {type(value).__name__} {_short(value)}; "
+                         "write it as a JSON string (join a list into one text first)")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def format_function_call(call: dict[str, Any]) -> str:
@@ -115,8 +164,13 @@ def check_columns(source_type: str, mapping: dict[str, str], available: list[str
         )
 
 
-def to_messages(row: dict[str, Any], source_type: str, mapping: dict[str, str], system_prompt: str | None) -> list[Message]:
+def to_messages(
+    row: dict[str, Any], source_type: str, mapping: dict[str, str], system_prompt: str | None, allow_numbers: bool = False
+) -> list[Message]:
+    """The row as chat messages; raises ValueError/KeyError/TypeError naming the bad field
+    (the caller adds the file and row)."""
     mapped = {field: row.get(column) for field, column in mapping.items()}
+    check_field_types(mapped, allow_numbers)
     messages = FORMATTERS[source_type].build(mapped)
     if system_prompt and messages and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from brainforge.config import SourceConfig
-from brainforge.data.formatters import FORMATTERS, check_columns, column_map, to_messages
+from brainforge.data.formatters import FORMATTERS, check_columns, check_row, column_map, to_messages
 from brainforge.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -31,13 +31,14 @@ def sample_path(name: str) -> Path:
     return Path(str(resources.files("brainforge.data") / "samples" / f"{kind}.jsonl"))
 
 
-def load_raw(source: SourceConfig) -> Any:
-    """The source's rows as a `datasets.Dataset`, before formatting."""
+def load_raw(source: SourceConfig, mapping: dict[str, str] | None = None) -> Any:
+    """The source's rows as a `datasets.Dataset`, before formatting. With the column
+    `mapping`, each JSONL line's field types are checked first (errors give the line)."""
     import datasets
 
     if source.path is not None or (source.name or "").startswith(SAMPLE_PREFIX):
         path = Path(source.path) if source.path is not None else sample_path(source.name or "")
-        return _load_local(path)
+        return _load_local(path, mapping)
     try:
         return datasets.load_dataset(source.name, source.subset, split=source.split)
     except Exception as exc:  # network, auth, missing split: all reported the same way
@@ -47,7 +48,7 @@ def load_raw(source: SourceConfig) -> Any:
         ) from exc
 
 
-def _load_local(path: Path) -> Any:
+def _load_local(path: Path, mapping: dict[str, str] | None = None) -> Any:
     import datasets
 
     if not path.is_file():
@@ -56,15 +57,16 @@ def _load_local(path: Path) -> Any:
     if builder is None:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .json, .jsonl, .csv or .parquet")
     if path.suffix.lower() == ".jsonl":
-        _check_jsonl(path)
+        _check_jsonl(path, mapping)
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:
         raise DataError(f"{path}: could not read this {builder} file ({type(exc).__name__}: {str(exc)[:300]})") from exc
 
 
-def _check_jsonl(path: Path) -> None:
-    """Report the first bad line by number; `datasets` only says the file failed."""
+def _check_jsonl(path: Path, mapping: dict[str, str] | None = None) -> None:
+    """Report the first bad line by number; `datasets` only says the file failed (or, for
+    a field that is a list in every row, reads it as a list that would be trained as its repr)."""
     with path.open(encoding="utf-8", errors="strict") as handle:
         try:
             for number, line in enumerate(handle, start=1):
@@ -72,6 +74,11 @@ def _check_jsonl(path: Path) -> None:
                     value = json.loads(line)
                     if not isinstance(value, dict):
                         raise DataError(f"{path}:{number}: each line must be a JSON object")
+                    if mapping is not None:
+                        try:
+                            check_row(value, mapping)
+                        except ValueError as exc:
+                            raise DataError(f"{path}:{number}: {exc}") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: invalid JSON: {exc.msg}") from exc
         except UnicodeDecodeError as exc:
@@ -80,18 +87,20 @@ def _check_jsonl(path: Path) -> None:
 
 def load_source(source: SourceConfig, system_prompt: str | None) -> Any:
     """One source, formatted into a `messages` column and cut to `max_samples`."""
-    raw = load_raw(source)
     label = source.label
     mapping = column_map(source.type, source.columns, label)
+    raw = load_raw(source, mapping)
     check_columns(source.type, mapping, list(raw.column_names), label)
     if source.max_samples is not None:
         raw = raw.select(range(min(source.max_samples, len(raw))))
     rows: list[dict[str, Any]] = []
+    allow_numbers = (source.path or "").lower().endswith(".csv")  # CSV readers type digit columns as numbers
     for index, row in enumerate(raw):
         try:
-            messages = to_messages(row, source.type, mapping, system_prompt)
+            messages = to_messages(row, source.type, mapping, system_prompt, allow_numbers)
         except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"source {label}, row {index}: cannot format as '{source.type}': {exc}") from exc
+            raise DataError(f"source {label}, row {index} ({_row_location(source, index)}): cannot format as "
+                            f"'{source.type}': {exc}") from None
         if any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             rows.append({"messages": messages, "source": label})
     if not rows:
@@ -99,6 +108,27 @@ def load_source(source: SourceConfig, system_prompt: str | None) -> Any:
     import datasets
 
     return datasets.Dataset.from_list(rows)
+
+
+def _row_location(source: SourceConfig, index: int) -> str:
+    """Where row `index` (0-based, as `datasets` counts) is in the file, for error messages."""
+    if source.path is not None and source.path.lower().endswith(".jsonl"):
+        return f"line {_jsonl_line(Path(source.path), index)} of {Path(source.path).name}"
+    if source.path is not None and source.path.lower().endswith(".csv"):
+        return f"data row {index + 1} of {Path(source.path).name}, after the header"
+    return f"item {index + 1}"
+
+
+def _jsonl_line(path: Path, index: int) -> int:
+    """The 1-based line of the `index`-th non-blank line (blank lines are not rows)."""
+    seen = -1
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                seen += 1
+                if seen == index:
+                    return number
+    return index + 1
 
 
 def mix_sources(sources: list[SourceConfig], system_prompt: str | None, seed: int, stopping_strategy: str) -> Any:

@@ -16,7 +16,9 @@ fallback). A query is matched two ways and the score says how:
 from __future__ import annotations
 
 import json
+import logging
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -24,15 +26,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import regex
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from brainforge.config import StrictModel
 from brainforge.errors import StoreError
+from brainforge.safe_yaml import safe_load
+
+log = logging.getLogger(__name__)
 
 LEXICAL_WEIGHT = 0.4
 SEMANTIC_WEIGHT = 0.6
 SOP_SUFFIXES = (".yaml", ".yml", ".json")
+PATTERN_TIMEOUT_S = 0.1
+"""Time budget of one trigger pattern against one query. Patterns run on the `regex` engine
+with a timeout: a pattern with nested quantifiers such as `(a+)+$` backtracks exponentially
+on a long non-matching input (minutes with `re`), and queries come from users."""
 
 
 class SOPTriggers(StrictModel):
@@ -48,8 +58,8 @@ class SOPTriggers(StrictModel):
     def _compiles(cls, patterns: list[str]) -> list[str]:
         for pattern in patterns:
             try:
-                re.compile(pattern)
-            except re.error as exc:
+                regex.compile(pattern)
+            except regex.error as exc:
                 raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from None
         return patterns
 
@@ -112,13 +122,14 @@ def load_sop_file(path: Path) -> SOP:
     except (OSError, UnicodeDecodeError) as exc:
         raise StoreError(f"{path}: cannot read SOP file: {exc}") from None
     try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        raw = json.loads(text) if path.suffix == ".json" else safe_load(text)
     except json.JSONDecodeError as exc:
         raise StoreError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise StoreError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise StoreError(f"{path}{where}: invalid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise StoreError(f"{path}: an SOP file must hold one mapping with name, description, triggers and steps")
     try:
@@ -136,16 +147,44 @@ def builtin_sop_dir() -> Path:
     return Path(str(resources.files("brainforge.memory") / "sops"))
 
 
-def sop_files(paths: Sequence[str | Path]) -> list[Path]:
+def sop_files(paths: Sequence[str | Path], skipped: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """The SOP files named by `paths` (files, or folders of *.yaml/*.yml/*.json).
+
+    Only regular files are read: a FIFO or device named `x.yaml` in a folder would block
+    the read forever, so it is skipped with the reason (appended to `skipped`, and logged).
+    Named explicitly, such a path is an error."""
     files: list[Path] = []
     for entry in map(Path, paths):
         if entry.is_dir():
-            files.extend(sorted(p for p in entry.iterdir() if p.suffix in SOP_SUFFIXES))
-        elif entry.is_file():
+            for path in sorted(p for p in entry.iterdir() if p.suffix in SOP_SUFFIXES):
+                reason = _not_regular(path)
+                if reason is None:
+                    files.append(path)
+                    continue
+                log.warning("skipped %s: %s", path, reason)
+                if skipped is not None:
+                    skipped.append((path, reason))
+        elif entry.exists():
+            reason = _not_regular(entry)
+            if reason is not None:
+                raise StoreError(f"{entry}: {reason}; give an SOP file (JSON/YAML) or a folder of them")
             files.append(entry)
         else:
             raise StoreError(f"{entry}: no such SOP file or folder (memory.sops)")
     return files
+
+
+def _not_regular(path: Path) -> str | None:
+    """Why `path` cannot be read as an SOP file, or None when it is a regular file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device" if (
+        stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+    return f"{kind}, not a regular file"
 
 
 class SOPManager:
@@ -197,13 +236,21 @@ class SOPManager:
 
 
 def _lexical(query: str, triggers: SOPTriggers) -> tuple[float, list[str]]:
+    timed_out: list[str] = []
     for pattern in triggers.patterns:
-        if re.search(pattern, query):
+        try:
+            found = regex.search(pattern, query, timeout=PATTERN_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("SOP pattern %r gave up after %.1f s on a %d-character query; rewrite it without nested "
+                        "quantifiers such as (a+)+", pattern, PATTERN_TIMEOUT_S, len(query))
+            timed_out.append(f"pattern {pattern!r} timed out (counted as no match)")
+            continue
+        if found:
             return 1.0, [f"pattern {pattern!r} matched"]
     found = [k for k in triggers.keywords if re.search(rf"(?<!\w){re.escape(k)}(?!\w)", query, re.IGNORECASE)]
     if not found:
-        return 0.0, []
-    return min(1.0, 0.5 * len(found)), [f"keywords {', '.join(found)}"]
+        return 0.0, timed_out
+    return min(1.0, 0.5 * len(found)), [*timed_out, f"keywords {', '.join(found)}"]
 
 
 def write_sop(sop: SOP, folder: Path) -> Path:

@@ -2,8 +2,10 @@
 
 Layout of `memory.store`::
 
-    manifest.json      format version, embedder, generation, every file with its chunk ids
-    chroma/            the embedded ChromaDB (unless `server_url` points at a Chroma server)
+    manifest.json      format version, embedder, generation, every file with its chunk ids,
+                       and where its vectors are (`chroma`: folder, `collection`: name)
+    chroma/            the embedded ChromaDB (unless `server_url` points at a Chroma server);
+                       a rebuilt store's is `chroma-g000042/`
     gen-000042/        BM25 index + chunk table (texts and metadata) of generation 42
     .lock              writers hold it exclusively, readers shared
 
@@ -12,6 +14,15 @@ next generation's BM25 index and chunk table, then atomically replaces the manif
 then deletes chunks that the new generation no longer references. Readers only ever return
 chunks listed in the committed generation's table, so a crash at any moment leaves the last
 committed state intact, and the next ingest sweeps up whatever the crash left behind.
+
+`--rebuild` follows the same rule: it refuses a folder that is not a store before touching
+anything, builds the new store's vectors in a new Chroma folder (server: a new collection)
+and a new generation beside the old ones, and commits by replacing the manifest; only then is
+the old vector index deleted. A kill at any moment leaves either the old store or the new one.
+
+Readers check that the vector index holds every chunk the manifest lists, so a deleted or
+damaged `chroma/` is an error naming the fix instead of a silently empty vector stage, and the
+next ingest re-embeds whatever is missing.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -45,6 +57,14 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _EMBED_BATCH_CHUNKS = 256  # chunks gathered across files before one embed + upsert
 _CHROMA_BATCH = 2000
+_DEFAULT_CHROMA = "chroma"
+# Every name a store folder may hold; `--rebuild` refuses a folder with anything else in it.
+_STORE_ENTRY = re.compile(r"(manifest\.json(\.tmp)?|\.lock|\.write\.lock|chroma(-g\d{6})?|gen-\d{6}(\.tmp)?)")
+_REBUILT_CHROMA = re.compile(r"chroma-g(\d{6})")
+_CHROMA_DIR = re.compile(r"chroma(-g\d{6})?")
+_GENERATION_DIR = re.compile(r"gen-(\d{6})(\.tmp)?")
+_FILE_KEYS = {"display": str, "size": int, "mtime_ns": int, "sha1": str, "language": str, "chunk_ids": list}
+_FIX = "rebuild it with `brainforge ingest --rebuild PATH...`"
 
 ProgressCallback = Callable[[int, int, str], None]  # (files done, files total, current file)
 
@@ -76,6 +96,7 @@ class IngestReport:
     chunks_added: int = 0
     chunks_removed: int = 0
     chunks_total: int = 0
+    chunks_restored: int = 0  # committed chunks whose vectors were missing from Chroma, re-embedded
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     line_chunked: Counter = field(default_factory=Counter)  # extension -> files chunked by lines
     replaced_characters: list[str] = field(default_factory=list)  # not UTF-8; decoded with U+FFFD
@@ -110,6 +131,8 @@ class MemoryStore:
         self._passages: dict[str, np.ndarray] = {}  # during an ingest: chunk id -> passage vectors
         self._passage_lookup: dict[str, np.ndarray] = {}  # committed generation, for readers
         self._loaded_stamp: tuple[int, int, int] | None = None  # manifest identity at the last refresh
+        self._chroma_folder = _DEFAULT_CHROMA  # where the committed (or the rebuilding) vectors live
+        self._collection_name = config.collection
 
     # ------------------------------------------------------------------ embedder and chroma
 
@@ -119,7 +142,19 @@ class MemoryStore:
             self._embedder = Embedder(self.config.embedder)
         return self._embedder
 
-    def _chroma(self) -> Any:
+    def _use_location(self, folder: str, collection: str) -> None:
+        """Point the Chroma handle at the vectors a manifest names (a rebuild moves them)."""
+        if (folder, collection) != (self._chroma_folder, self._collection_name):
+            self._chroma_folder, self._collection_name, self._collection = folder, collection, None
+
+    def _vector_location(self) -> str:
+        if self.config.server_url:
+            return f"collection {self._collection_name!r} on {self.config.server_url}"
+        return str(self.root / self._chroma_folder)
+
+    def _chroma(self, create: bool = True) -> Any:
+        """The collection holding this store's vectors. Readers pass `create=False`: a missing
+        local index is then an error, not a new empty database that hides the loss."""
         if self._collection is None:
             try:
                 import chromadb
@@ -131,11 +166,22 @@ class MemoryStore:
                 url = urlparse(self.config.server_url)
                 client = chromadb.HttpClient(host=url.hostname or "localhost", port=url.port or 8000,
                                              ssl=url.scheme == "https", settings=settings)
-            else:
-                client = chromadb.PersistentClient(path=str(self.root / "chroma"), settings=settings)
-            # No embedding function: we always pass vectors, so Chroma never loads (or downloads) its own.
-            self._collection = client.get_or_create_collection(
-                self.config.collection, embedding_function=None, configuration={"hnsw": {"space": "cosine"}})
+                self._collection = client.get_or_create_collection(
+                    self._collection_name, embedding_function=None, configuration={"hnsw": {"space": "cosine"}})
+                return self._collection
+            folder = self.root / self._chroma_folder
+            if not create and not folder.is_dir():
+                raise StoreError(f"{folder}: the store's vector index is missing (deleted?); restore it with "
+                                 f"`brainforge ingest PATH...` (re-embeds what is missing) or {_FIX}")
+            try:
+                client = chromadb.PersistentClient(path=str(folder), settings=settings)
+                # No embedding function: we always pass vectors, so Chroma never loads (or downloads) its own.
+                self._collection = client.get_or_create_collection(
+                    self._collection_name, embedding_function=None, configuration={"hnsw": {"space": "cosine"}})
+            except Exception as exc:  # noqa: BLE001  (Chroma raises many types for a damaged database)
+                detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+                raise StoreError(f"{folder}: the store's vector index cannot be opened ({exc.__class__.__name__}: "
+                                 f"{detail}); {_FIX}") from exc
         return self._collection
 
     # ------------------------------------------------------------------ manifest
@@ -146,27 +192,49 @@ class MemoryStore:
     def _manifest_stamp(self) -> tuple[int, int, int] | None:
         try:
             stat = self._manifest_path().stat()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
+    def exists(self) -> bool:
+        """Whether the store folder is there (reading never creates it)."""
+        return self.root.exists()
+
+    def require_existing(self) -> None:
+        """For `search` and `ask`: a missing store is a mistyped path or a store never built."""
+        if not self.root.exists():
+            raise StoreError(f"no memory store at {self.root} (nothing was created there); build it with "
+                             f"`brainforge ingest PATH... --store {self.root}`, or point --store / memory.store at an existing store")
+        self._check_folder()
+
+    def _check_folder(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"{self.root}: memory.store must be a folder, but this is a file; choose another path")
+
     def _read_manifest(self) -> dict[str, Any] | None:
+        self._check_folder()
         path = self._manifest_path()
         if not path.exists():
-            if self.root.exists() and any(p.name not in {".lock", ".write.lock", "chroma"} for p in self.root.iterdir()):
+            if self.root.exists() and any(p.name not in {".lock", ".write.lock", _DEFAULT_CHROMA} for p in self.root.iterdir()):
                 raise StoreError(f"{self.root} exists and is not a brainforge memory store (no manifest.json); "
                                  "choose another memory.store or empty the folder")
             return None
         try:
             manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise StoreError(f"{path}: unreadable store manifest ({exc}); rebuild with `brainforge ingest --rebuild`") from None
-        if manifest.get("format") != FORMAT_VERSION:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{path}: unreadable store manifest ({exc}); {_FIX}") from None
+        if isinstance(manifest, dict) and "format" in manifest and manifest["format"] != FORMAT_VERSION:
             raise StoreError(
                 f"{self.root}: store format {manifest.get('format')!r} was written by another brainforge version; "
                 f"this version reads format {FORMAT_VERSION}. Rebuild it with `brainforge ingest --rebuild PATH...` "
                 "or point memory.store elsewhere")
+        problem = manifest_problem(manifest)
+        if problem:
+            raise StoreError(f"{path}: not a valid store manifest ({problem}); {_FIX}")
         return manifest
+
+    def _location_of(self, manifest: dict[str, Any]) -> tuple[str, str]:
+        return manifest.get("chroma", _DEFAULT_CHROMA), manifest.get("collection", self.config.collection)
 
     def _check_embedder(self, manifest: dict[str, Any]) -> None:
         built = manifest["embedder"]
@@ -215,15 +283,22 @@ class MemoryStore:
     # ------------------------------------------------------------------ ingest
 
     def ingest(self, paths: Sequence[str | Path], rebuild: bool = False, on_progress: ProgressCallback | None = None,
-               lock_timeout: float = 600.0) -> IngestReport:
-        """Bring the store in line with the files under `paths` (new, changed, deleted)."""
+               lock_timeout: float = 600.0, follow_symlinks: bool = False) -> IngestReport:
+        """Bring the store in line with the files under `paths` (new, changed, deleted).
+
+        `rebuild` builds a fresh store beside the current one and swaps it in at the commit;
+        `follow_symlinks` lets symlinks lead out of the given folders."""
         started = time.perf_counter()
         report = IngestReport()
         roots = [Path(p).expanduser() for p in paths]
+        if rebuild:
+            self._check_replaceable()  # before anything is read, written or deleted
+        else:
+            self._check_folder()
         for root in roots:
             if not root.exists() and not root.is_symlink():
                 raise StoreError(f"{root}: no such file or folder to ingest")
-        files = discover(roots, self.config.chunking.exclude, self.config.chunking.max_file_mb, report)
+        files = discover(roots, self.config.chunking.exclude, self.config.chunking.max_file_mb, report, follow_symlinks)
         report.files_found = len(files)
         if not files:
             reasons = Counter(reason.split(":")[0] for _, reason in report.skipped)
@@ -231,14 +306,17 @@ class MemoryStore:
             raise StoreError(f"nothing to ingest under {', '.join(map(str, roots))}: {detail}")
         with self._lock(exclusive=True, timeout=lock_timeout, name=".write.lock"):
             if rebuild:
-                with self._lock(exclusive=True):
-                    self._wipe()
-            manifest = self._read_manifest() or self._new_manifest()
-            self._check_embedder(manifest)
+                manifest, replaced = self._rebuild_manifest()
+            else:
+                manifest = self._read_manifest() or self._new_manifest()
+                self._check_embedder(manifest)
+                replaced = None
+                self._use_location(*self._location_of(manifest))
+                self._sweep_stale_locations(keep=self._location_of(manifest))
             old_files: dict[str, _FileEntry] = {k: _FileEntry(**v) for k, v in manifest["files"].items()}
-            old_table = self._load_table(manifest)
-            self._passages = self._load_passages(manifest, old_table)  # carried over for unchanged chunks
-            self._sweep_orphans(old_table)
+            old_table = {} if rebuild else self._load_table(manifest)
+            self._passages = {} if rebuild else self._load_passages(manifest, old_table)  # carried over for unchanged chunks
+            report.chunks_restored = self._sweep_orphans(old_table)
             chunking = self.config.chunking.model_dump(include={"strategy", "max_tokens", "min_tokens", "overlap_lines"})
             if manifest.get("chunking", chunking) != chunking:
                 logger.info("chunking settings changed since the last ingest: re-chunking every file")
@@ -254,31 +332,84 @@ class MemoryStore:
             with self._lock(exclusive=True):
                 self._write_manifest(manifest)  # commit point
                 self._drop_old_generations(generation)
+                if replaced is not None:  # the rebuilt store is committed: the old vectors can go
+                    self._sweep_stale_locations(keep=self._location_of(manifest), also=replaced)
             # Readers only return chunks of the generation they loaded, so these can go now.
             stale = [cid for cid in old_table if cid not in new_table]
             self._delete_from_chroma(stale)
             report.chunks_removed = len(stale)
             report.chunks_total = len(new_table)
         self._generation = None  # readers reload
+        self._loaded_stamp = None
         report.seconds = time.perf_counter() - started
         return report
 
     def _new_manifest(self) -> dict[str, Any]:
         return {"format": FORMAT_VERSION, "embedder": {"id": self.embedder.model_id, "dimension": self.embedder.dimension},
-                "collection": self.config.collection, "generation": 0, "files": {}, "chunks": 0,
+                "collection": self.config.collection, "chroma": _DEFAULT_CHROMA, "generation": 0, "files": {}, "chunks": 0,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
-    def _wipe(self) -> None:
-        # Drop the collection through Chroma rather than deleting its files: Chroma keeps one
-        # client per path per process, and that client must not see its database vanish.
-        if self.config.server_url or (self.root / "chroma").exists():
+    def _check_replaceable(self) -> None:
+        """`--rebuild` replaces a store; refuse anything else (a folder of the user's files)."""
+        self._check_folder()
+        if not self.root.exists():
+            return
+        entries = list(self.root.iterdir())
+        foreign = sorted(p.name for p in entries if not _STORE_ENTRY.fullmatch(p.name))
+        has_index = any(p.name.startswith(("chroma", "gen-")) for p in entries if _STORE_ENTRY.fullmatch(p.name))
+        if not foreign and not has_index and self._manifest_path().exists():
+            # A lone manifest.json may be someone else's (a web app's); ours has these keys.
+            try:
+                manifest = json.loads(self._manifest_path().read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                manifest = None
+            if not (isinstance(manifest, dict) and "format" in manifest and "generation" in manifest):
+                foreign = ["manifest.json (not a brainforge store manifest, and no index beside it)"]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise StoreError(f"{self.root} is not a brainforge memory store (it holds {shown}); --rebuild only replaces a "
+                             "store that brainforge wrote, so nothing was touched: choose another --store / memory.store")
+
+    def _rebuild_manifest(self) -> tuple[dict[str, Any], str]:
+        """A fresh manifest whose vectors go to a new location; the old one stays readable
+        (and in use by readers) until the new manifest is committed. Returns it and the old
+        collection's name (a server keeps it until the commit)."""
+        try:
+            old = self._read_manifest()
+        except StoreError as exc:
+            logger.info("rebuilding a store whose manifest cannot be used (%s)", exc)
+            old = None
+        highest = old["generation"] if old else 0
+        for child in self.root.iterdir() if self.root.exists() else ():
+            match = _GENERATION_DIR.fullmatch(child.name) or _REBUILT_CHROMA.fullmatch(child.name)
+            if match:
+                highest = max(highest, int(match.group(1)))
+        manifest = self._new_manifest()
+        manifest["generation"] = highest  # continues numbering: new folders never collide with old ones
+        folder = f"chroma-g{highest + 1:06d}"
+        collection = f"{self.config.collection}-g{highest + 1:06d}" if self.config.server_url else self.config.collection
+        manifest.update(chroma=folder, collection=collection)
+        self._use_location(folder, collection)
+        return manifest, (self._location_of(old)[1] if old else self.config.collection)
+
+    def _sweep_stale_locations(self, keep: tuple[str, str], also: str | None = None) -> None:
+        """Delete vector indexes the committed manifest does not point at: those of an
+        interrupted rebuild, and after a rebuild commits the one it replaced (`also`: its
+        collection on a server). Only names this module creates are touched."""
+        folder, collection = keep
+        if self.config.server_url:
+            pattern = re.compile(re.escape(self.config.collection) + r"-g\d{6}")
             client = self._chroma()._client
-            client.delete_collection(self.config.collection)
-            self._collection = None
-        for child in self.root.iterdir():
-            if child.name in {".lock", ".write.lock", "chroma"}:
-                continue
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            for found in client.list_collections():
+                name = getattr(found, "name", found)
+                if name != collection and (pattern.fullmatch(name) or name == also):
+                    logger.info("deleting the unused collection %s", name)
+                    client.delete_collection(name)
+            return
+        for child in self.root.iterdir() if self.root.is_dir() else ():
+            if child.name != folder and _CHROMA_DIR.fullmatch(child.name) and child.is_dir():
+                logger.info("deleting the unused vector index %s", child)
+                shutil.rmtree(child, ignore_errors=True)
 
     def _apply(self, files: list[tuple[Path, str]], roots: list[Path], old_files: dict[str, _FileEntry],
                old_table: dict[str, StoredChunk], report: IngestReport,
@@ -377,13 +508,53 @@ class MemoryStore:
         for start in range(0, len(ids), _CHROMA_BATCH):
             collection.delete(ids=ids[start:start + _CHROMA_BATCH])
 
-    def _sweep_orphans(self, committed: dict[str, StoredChunk]) -> None:
-        """Remove chunks an interrupted ingest added to Chroma but never committed."""
-        stored = self._chroma().get(include=[])["ids"]
+    def _sweep_orphans(self, committed: dict[str, StoredChunk]) -> int:
+        """Remove chunks an interrupted ingest added to Chroma but never committed, and
+        re-embed committed chunks whose vectors are missing (a deleted or damaged index), so
+        an ingest restores the store instead of reporting everything unchanged. Returns how
+        many were restored."""
+        stored = set(self._chroma().get(include=[])["ids"])
         orphans = [cid for cid in stored if cid not in committed]
         if orphans:
             logger.info("removing %d chunks left by an interrupted ingest", len(orphans))
             self._delete_from_chroma(orphans)
+        missing = [committed[cid] for cid in sorted(committed) if cid not in stored]
+        if missing:
+            logger.warning("%s lacks the vectors of %d of the %d committed chunks; re-embedding them",
+                           self._vector_location(), len(missing), len(committed))
+        collection = self._chroma()
+        for start in range(0, len(missing), _EMBED_BATCH_CHUNKS):
+            batch = missing[start:start + _EMBED_BATCH_CHUNKS]
+            vectors = self.embedder.embed_documents([c.text for c in batch])
+            collection.upsert(ids=[c.id for c in batch], embeddings=vectors, documents=[c.text for c in batch],
+                              metadatas=[{"path": c.path, "start_line": c.start_line, "end_line": c.end_line, "kind": c.kind,
+                                          "name": c.name, "parent": "", "language": c.language} for c in batch])
+        return len(missing)
+
+    def _check_vectors(self, committed: dict[str, StoredChunk]) -> None:
+        """Readers: every committed chunk must have its vector, or the vector stage would be
+        silently empty. One count in the common case; the ids only when the counts differ
+        (an interrupted ingest's orphans, or something missing)."""
+        if not committed:
+            return
+        collection = self._chroma(create=False)
+        try:
+            count = collection.count()
+            missing = 0
+            if count != len(committed):
+                ids = list(committed)
+                for start in range(0, len(ids), _CHROMA_BATCH):
+                    batch = ids[start:start + _CHROMA_BATCH]
+                    missing += len(batch) - len(collection.get(ids=batch, include=[])["ids"])
+        except Exception as exc:  # noqa: BLE001  (a damaged database fails in Chroma's own ways)
+            if self.config.server_url:
+                raise  # a server problem, not damage a rebuild would fix
+            raise StoreError(f"{self._vector_location()}: the store's vector index cannot be read "
+                             f"({exc.__class__.__name__}); {_FIX}") from exc
+        if missing:
+            raise StoreError(f"{self._vector_location()}: the store's vector index lacks {missing} of the {len(committed)} "
+                             f"chunks the manifest lists (deleted or damaged); restore them with `brainforge ingest PATH...` "
+                             f"(re-embeds what is missing) or {_FIX}")
 
     # ------------------------------------------------------------------ generations
 
@@ -451,21 +622,31 @@ class MemoryStore:
         stamp = self._manifest_stamp()
         if stamp is not None and stamp == self._loaded_stamp:
             return
+        self._check_folder()
+        if not self.root.exists():  # reading never creates a store (the lock file would)
+            self._generation, self._chunks, self._bm25 = 0, {}, BM25Index([], None)
+            self._passage_lookup, self._loaded_stamp = {}, None
+            return
         with self._lock(exclusive=False):
-            self._loaded_stamp = self._manifest_stamp()
+            stamp = self._manifest_stamp()
             manifest = self._read_manifest()
             if manifest is None:
                 self._generation, self._chunks, self._bm25 = 0, {}, BM25Index([], None)
-                self._passage_lookup = {}
+                self._passage_lookup, self._loaded_stamp = {}, stamp
                 return
             if manifest["generation"] == self._generation:
+                self._loaded_stamp = stamp
                 return
             self._check_embedder(manifest)
-            self._chunks = self._load_table(manifest)
+            self._use_location(*self._location_of(manifest))
+            chunks = self._load_table(manifest)
+            self._check_vectors(chunks)
+            self._chunks = chunks
             self._passage_lookup = self._load_passages(manifest, self._chunks)
             folder = self._generation_dir(manifest["generation"]) / "bm25"
             self._bm25 = BM25Index.load(folder) if manifest["generation"] else BM25Index([], None)
             self._generation = manifest["generation"]
+            self._loaded_stamp = stamp  # only once loaded: a failed load is retried (and reported) next time
 
     def __len__(self) -> int:
         self.refresh()
@@ -478,7 +659,7 @@ class MemoryStore:
         """Cosine similarity, best first; only committed chunks."""
         if not self._chunks:
             return []
-        result = self._chroma().query(query_embeddings=query_vector[None, :], n_results=min(k, len(self._chunks)),
+        result = self._chroma(create=False).query(query_embeddings=query_vector[None, :], n_results=min(k, len(self._chunks)),
                                       include=["distances"])
         pairs = zip(result["ids"][0], result["distances"][0])
         return [(cid, 1.0 - float(distance)) for cid, distance in pairs if cid in self._chunks]
@@ -495,16 +676,54 @@ class MemoryStore:
 # ---------------------------------------------------------------------- reading files
 
 
+def manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with a parsed manifest's shape, or None. Checked on every read so a
+    hand-edited or foreign manifest is one clear error, not a KeyError deep in an ingest."""
+    if not isinstance(manifest, dict):
+        return f"expected a JSON object, found {type(manifest).__name__}"
+    expected = {"format": int, "generation": int, "embedder": dict, "files": dict, "chunks": int}
+    for key, kind in expected.items():
+        if key not in manifest:
+            return f"no {key!r} key"
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            return f"{key!r} should be {kind.__name__}, found {type(manifest[key]).__name__}"
+    if manifest["generation"] < 0:
+        return "'generation' is negative"
+    embedder = manifest["embedder"]
+    if not isinstance(embedder.get("id"), str) or not isinstance(embedder.get("dimension"), int):
+        return "'embedder' should hold 'id' (text) and 'dimension' (integer)"
+    for key in ("chroma", "collection"):
+        if key in manifest and not (isinstance(manifest[key], str) and manifest[key]):
+            return f"{key!r} should be a non-empty string"
+    if "chroma" in manifest and not _CHROMA_DIR.fullmatch(manifest["chroma"]):
+        return f"'chroma' names {manifest['chroma']!r}, not a store folder"
+    for name, entry in manifest["files"].items():
+        if not isinstance(entry, dict) or set(entry) != set(_FILE_KEYS):
+            return f"files[{name!r}] should hold exactly {', '.join(sorted(_FILE_KEYS))}"
+        wrong = next((k for k, kind in _FILE_KEYS.items() if not isinstance(entry[k], kind)), None)
+        if wrong:
+            return f"files[{name!r}].{wrong} should be {_FILE_KEYS[wrong].__name__}"
+    return None
+
+
 def discover(roots: Sequence[Path], exclude: Sequence[str], max_file_mb: float,
-             report: IngestReport) -> list[tuple[Path, str]]:
-    """Regular files under `roots` with display paths; everything skipped is reported with why."""
+             report: IngestReport, follow_symlinks: bool = False) -> list[tuple[Path, str]]:
+    """Regular files under `roots` with display paths; everything skipped is reported with why.
+
+    Symlinks are followed only while they stay inside the given roots (a link to `/etc` in a
+    project must not pull in `/etc/shadow`); `follow_symlinks` lifts that. A file or folder
+    reached twice (through links) is listed once, and link loops are cut."""
     found: dict[Path, str] = {}
     limit = int(max_file_mb * 1024 * 1024)
+    allowed = [root.resolve() for root in roots if root.is_dir()]
 
     def excluded(name: str) -> bool:
         return any(fnmatch.fnmatch(name, pattern) for pattern in exclude)
 
-    def consider(path: Path, display: str) -> None:
+    def outside(resolved: Path) -> bool:
+        return not follow_symlinks and not any(resolved == root or root in resolved.parents for root in allowed)
+
+    def consider(path: Path, display: str, named: bool = False) -> None:
         try:
             resolved = path.resolve(strict=True)
             stat = resolved.stat()
@@ -514,7 +733,10 @@ def discover(roots: Sequence[Path], exclude: Sequence[str], max_file_mb: float,
         except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on some Pythons
             report.skipped.append((display, f"unreadable: {exc.__class__.__name__}"))
             return
-        if not resolved.is_file():
+        if not named and outside(resolved):
+            report.skipped.append((display, f"symlink to {resolved}, outside the ingested folders "
+                                            "(ingest that path itself, or pass --follow-symlinks)"))
+        elif not resolved.is_file():
             report.skipped.append((display, "not a regular file"))
         elif stat.st_size > limit:
             report.skipped.append((display, f"too large: {stat.st_size / 1e6:.1f} MB > memory.chunking.max_file_mb"))
@@ -524,7 +746,7 @@ def discover(roots: Sequence[Path], exclude: Sequence[str], max_file_mb: float,
     for root in roots:
         base = root.absolute().parent
         if not root.is_dir():
-            consider(root, root.name)
+            consider(root, root.name, named=True)  # named on the command line: the user asked for it
             continue
         visited: set[tuple[int, int]] = set()
         for folder, dirnames, filenames in os.walk(root, followlinks=True):
@@ -539,7 +761,15 @@ def discover(roots: Sequence[Path], exclude: Sequence[str], max_file_mb: float,
                 dirnames[:] = []
                 continue
             visited.add((stat.st_dev, stat.st_ino))
-            dirnames[:] = sorted(d for d in dirnames if not excluded(d))
+            kept = []
+            for name in sorted(d for d in dirnames if not excluded(d)):
+                full = os.path.join(folder, name)
+                if os.path.islink(full) and outside(Path(os.path.realpath(full))):
+                    report.skipped.append((os.path.relpath(full, base), f"symlink to {os.path.realpath(full)}, outside the "
+                                                                        "ingested folders (ingest that path itself, or pass --follow-symlinks)"))
+                else:
+                    kept.append(name)
+            dirnames[:] = kept
             for name in sorted(filenames):
                 if not excluded(name):
                     full = Path(folder) / name

@@ -23,6 +23,10 @@ from brainforge.models.gguf import ensure_default_model, ensure_gguf_converted
 log = logging.getLogger(__name__)
 
 ADAPTER_META = "brainforge_adapter.json"
+ADAPTER_CONFIG = "adapter_config.json"
+SAFETENSORS_WEIGHTS = "adapter_model.safetensors"
+PICKLE_WEIGHTS = "adapter_model.bin"
+_REPAIR = "copy the adapter folder again from its run (adapter/ or checkpoints/step-N/adapter/)"
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -118,28 +122,113 @@ def load_adapter(model: Any, adapter_path: str | Path, trainable: bool = False) 
     from peft import PeftModel
 
     adapter_path = Path(adapter_path)
-    if not (adapter_path / "adapter_config.json").exists():
-        raise ModelError(f"{adapter_path}: not a PEFT adapter folder (no adapter_config.json)")
+    adapter_config = check_adapter_folder(adapter_path)  # before PEFT, which would try the hub for missing files
     try:
         return PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as exc:
-        base = json.loads((adapter_path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = adapter_config.get("base_model_name_or_path")
         raise ModelError(
             f"{adapter_path}: this adapter does not match the base model (it was trained on {base!r}). "
             f"Load it with the base it was trained on. Details: {str(exc).splitlines()[0][:300]}"
         ) from exc
 
 
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """The adapter folder of a run folder (`RUN/adapter`) or the adapter folder itself, checked."""
+    path = Path(path)
+    if (path / "adapter").is_dir():
+        path = path / "adapter"
+    check_adapter_folder(path)
+    return path
+
+
+def check_adapter_folder(adapter_path: str | Path) -> dict[str, Any]:
+    """The adapter's `adapter_config.json`, after checking everything loading will need.
+
+    PEFT reports a damaged adapter folder with a traceback, and one without weights as a
+    hub id to download (a network attempt, then a confusing error). Here every file is
+    checked first, cheaply (the weights' header and length, not their contents), so each
+    problem is one line naming the file and the fix."""
+    adapter_path = Path(adapter_path)
+    if not adapter_path.is_dir():
+        raise ModelError(f"adapter not found: {adapter_path} is not a folder; pass a run folder or its adapter/ folder")
+    config_file = adapter_path / ADAPTER_CONFIG
+    if not config_file.exists():
+        raise ModelError(f"{adapter_path}: not a PEFT adapter folder (no {ADAPTER_CONFIG}); pass a run folder or its adapter/ folder")
+    config = _read_json_object(config_file)
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str):
+        raise ModelError(f"{config_file}: no 'peft_type' (e.g. \"LORA\"); the file is damaged or not a PEFT adapter config; {_REPAIR}")
+    if peft_type == "LORA":
+        rank = config.get("r")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ModelError(f"{config_file}: 'r' must be a positive integer (the LoRA rank), got {rank!r}; {_REPAIR}")
+        if not isinstance(config.get("target_modules"), (str, list)):
+            raise ModelError(f"{config_file}: no 'target_modules' list; the file is damaged; {_REPAIR}")
+    meta_file = adapter_path / ADAPTER_META
+    if meta_file.exists():
+        meta = _read_json_object(meta_file)
+        if not isinstance(meta.get("model"), str) or not meta["model"]:
+            raise ModelError(f"{meta_file}: no 'model' (the base model the adapter was trained on); the file is damaged: "
+                             f"delete it and pass --model BASE, or {_REPAIR}")
+    _check_adapter_weights(adapter_path)
+    return config
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); the file is damaged; {_REPAIR}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: cannot be read as UTF-8 JSON ({exc}); {_REPAIR}") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(value).__name__}; the file is damaged; {_REPAIR}")
+    return value
+
+
+def _check_adapter_weights(adapter_path: Path) -> None:
+    """The weights file exists and, for safetensors, its header is whole and its length
+    matches what the header promises (a truncated copy is caught here, not mid-load)."""
+    weights = adapter_path / SAFETENSORS_WEIGHTS
+    if not weights.exists():
+        if (adapter_path / PICKLE_WEIGHTS).is_file() and (adapter_path / PICKLE_WEIGHTS).stat().st_size > 0:
+            return
+        raise ModelError(f"{adapter_path}: no adapter weights ({SAFETENSORS_WEIGHTS} is missing); the folder is incomplete: "
+                         f"{_REPAIR}. (Nothing is downloaded for a local folder.)")
+    size = weights.stat().st_size
+    damaged = f"{weights}: the weights file is damaged or truncated"
+    with weights.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ModelError(f"{damaged} ({size} bytes, shorter than a safetensors header); {_REPAIR}")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > min(size - 8, 100_000_000):
+            raise ModelError(f"{damaged} (header of {header_len:,} bytes in a {size:,}-byte file); {_REPAIR}")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelError(f"{damaged} (unreadable header); {_REPAIR}") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{damaged} (unreadable header); {_REPAIR}")
+    try:
+        ends = [int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"]
+    except (TypeError, ValueError, KeyError, IndexError):
+        raise ModelError(f"{damaged} (unreadable header); {_REPAIR}") from None
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        raise ModelError(f"{damaged} ({size:,} bytes; its header describes {expected:,}); {_REPAIR}")
+
+
 def adapter_base_model(adapter_path: str | Path) -> str:
     """The `model.name_or_path` a brainforge adapter was trained from."""
+    config = check_adapter_folder(adapter_path)
     meta = Path(adapter_path) / ADAPTER_META
     if meta.exists():
-        return json.loads(meta.read_text())["model"]
-    config = Path(adapter_path) / "adapter_config.json"
-    if config.exists():
-        base = json.loads(config.read_text()).get("base_model_name_or_path")
-        if base:
-            return base
+        return str(_read_json_object(meta)["model"])
+    base = config.get("base_model_name_or_path")
+    if isinstance(base, str) and base:
+        return base
     raise ModelError(f"{adapter_path}: cannot tell which base model this adapter belongs to; pass --model")
 
 
