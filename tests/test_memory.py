@@ -409,6 +409,7 @@ def test_rl_prompts_contain_context_when_memory_is_enabled(tmp_path, tiny_model_
     path = write_config(tmp_path / "c.yaml", tiny_model_dir,
                         datasets={"multi_source_enabled": False}, data={"source": {"path": str(prompts_file), "type": "prompt"}},
                         algorithm={"name": "grpo", "grpo": {"reward_functions": [{"name": "last_number"}]}},
+                        training={"per_device_batch_size": 4},  # the default: GRPO rejects an SFT batch size
                         memory={"enabled": True, "store": str(tmp_path / "store")})
     prompts = training_prompts(load_config(path))
     assert prompts[0].messages[0]["role"] == "system"
@@ -450,29 +451,52 @@ def test_chroma_server_mode(tmp_path, embedder):
 
 
 def test_kill_9_mid_ingest_leaves_last_commit_and_next_ingest_sweeps(tmp_path, embedder):
+    """The child stops at the commit point (every new chunk already in Chroma, the manifest not
+    yet replaced) and says so with a file; only then is it killed. No race with its commit,
+    however slow or fast the machine is."""
     import signal
     import time
 
     corpus = write_corpus(tmp_path / "corpus")
     committed = make_store(tmp_path, embedder).ingest([corpus]).chunks_total
-    for index in range(60):
+    added = 20
+    for index in range(added):
         (corpus / "src" / f"module_{index}.py").write_text(
             "\n\n".join(f"def function_{index}_{n}(value):\n    return value * {n} + {index}  # step {n}" for n in range(12)) + "\n")
-    script = ("from brainforge.config import MemoryConfig; from brainforge.memory.store import MemoryStore;"
-              f"MemoryStore(MemoryConfig(store={str(tmp_path / 'store')!r})).ingest([{str(corpus)!r}])")
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    at_commit = tmp_path / "at-commit-point"
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from brainforge.config import MemoryConfig
+        from brainforge.memory.store import MemoryStore
+
+        def stall_at_commit(self, manifest):
+            Path({str(at_commit)!r}).write_text("ready")
+            time.sleep(3600)  # killed here
+
+        MemoryStore._write_manifest = stall_at_commit
+        MemoryStore(MemoryConfig(store={str(tmp_path / 'store')!r})).ingest([{str(corpus)!r}])
+        """)
+    with open(tmp_path / "child.log", "w") as child_log:  # a file, never an unread pipe
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=child_log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 900  # generous: a shared, busy machine embeds slowly
+        while not at_commit.exists():
+            assert child.poll() is None, f"the ingest exited ({child.returncode}) before its commit point: " + (tmp_path / "child.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the ingest did not reach its commit point in 900 s"
+            time.sleep(0.2)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
     chroma_ids = lambda: set(make_store(tmp_path, embedder)._chroma().get(include=[])["ids"])  # noqa: E731
-    deadline = time.monotonic() + 240
-    while len(chroma_ids()) <= committed:  # wait until the child has added uncommitted chunks
-        assert child.poll() is None and time.monotonic() < deadline, "the ingest finished before it could be killed"
-        time.sleep(0.5)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
     reader = make_store(tmp_path, embedder)
     assert len(reader) == committed  # the killed ingest is invisible
     assert len(chroma_ids()) > committed  # ... though it left chunks in Chroma
     finished = make_store(tmp_path, embedder).ingest([corpus])
-    assert finished.files_ingested == 60 and finished.files_unchanged == 3
+    assert finished.files_ingested == added and finished.files_unchanged == 3
     after = make_store(tmp_path, embedder)
     after.refresh()
     assert chroma_ids() == set(after._chunks)  # orphans swept, nothing missing

@@ -30,6 +30,7 @@ from brainforge.inference import ChatModel
 from brainforge.models.attention import enable_segment_attention
 from brainforge.models.loader import attach_lora, load_base_model, load_tokenizer, resolve_model_path
 from brainforge.training.checkpointing import AdapterCheckpoint, latest_checkpoint, write_adapter
+from brainforge.training.interrupt import StopOnInterrupt, interrupt_guard
 from brainforge.training.sft import LLMTrainingAgent
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,10 @@ RUN_DIR_ENV = "BRAINFORGE_RUN_DIR"
 def train(config: BrainforgeConfig, config_path: str | Path, resume: bool = False) -> Path:
     """Run SFT as configured and return the run folder."""
     inherited_run_dir = RUN_DIR_ENV in os.environ  # set for DDP children by their parent
+    hint = f"The last complete checkpoint is kept; continue with: brainforge train {config_path} --resume"
     try:
-        return _train(config, Path(config_path), resume)
+        with interrupt_guard(hint):
+            return _train(config, Path(config_path), resume)
     finally:
         if not inherited_run_dir:
             os.environ.pop(RUN_DIR_ENV, None)
@@ -127,11 +130,21 @@ def resolve_run_dir(config: BrainforgeConfig, config_path: Path, resume: bool) -
     else:
         name = config.training.run_name or f"{prefix}-{datetime.now():%Y%m%d-%H%M%S}"
         run_dir = output_dir / name
+        _check_inside(run_dir, output_dir)
         if config.training.run_name and latest_checkpoint(run_dir / "checkpoints"):
             raise BrainforgeError(f"{run_dir} already holds a run; pass --resume to continue it or choose another training.run_name")
         run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
     return run_dir.resolve()
+
+
+def _check_inside(run_dir: Path, output_dir: Path) -> None:
+    """The run folder must be a folder inside output_dir: whatever a name resolves to (a
+    symlink, `..`), a run never writes elsewhere."""
+    resolved, root = run_dir.resolve(), output_dir.resolve()
+    if root not in resolved.parents:
+        raise ConfigError(f"training.run_name: the run folder {run_dir} resolves to {resolved}, outside "
+                          f"training.output_dir ({root}); use a plain folder name")
 
 
 def planned_steps(config: BrainforgeConfig, num_items: int) -> int:
@@ -166,7 +179,7 @@ def build_trainer(config: BrainforgeConfig, run_dir: Path, total_steps: int, che
         from lightning.pytorch.loggers import WandbLogger
 
         loggers.append(WandbLogger(project=config.logging.wandb_project, save_dir=str(run_dir), name=run_dir.name))
-    callbacks: list[L.Callback] = [checkpointer]
+    callbacks: list[L.Callback] = [checkpointer, StopOnInterrupt()]
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     eval_every = config.training.eval_every_n_steps
