@@ -158,6 +158,17 @@ def test_humaneval_eval_size_out_of_range_is_named(eval_size):
         humaneval_prompts("train", eval_size)
 
 
+
+@pytest.mark.parametrize("name, options", [("humaneval", {"eval_size": "ten"}), ("humaneval", {"eval_size": 2.5}),
+                                           ("reasoning_gym:basic_arithmetic", {"size": "many"})])
+def test_prompt_source_options_that_are_not_whole_numbers_are_named(name, options):
+    from brainforge.config import SourceConfig
+    from brainforge.data.prompts import _load_source
+
+    key = next(iter(options))
+    with pytest.raises(DataError, match=f"options.{key} must be a whole number"):
+        _load_source(SourceConfig(name=name, type="prompt", options=options), "train")
+
 def test_reasoning_gym_split_is_disjoint_and_deterministic():
     options = {"size": 30, "eval_size": 10, "seed": 3}
     train = reasoning_gym_prompts("basic_arithmetic", dict(options), "train")

@@ -61,16 +61,25 @@ def _load_source(source: SourceConfig, split: str) -> list[PromptExample]:
     if name.startswith(REASONING_GYM):
         return reasoning_gym_prompts(name.removeprefix(REASONING_GYM), dict(source.options), split)
     if name == HUMANEVAL:
-        return humaneval_prompts(split, int(source.options.get("eval_size", 32)))
+        return humaneval_prompts(split, _int_option(dict(source.options), "eval_size", 32, HUMANEVAL))
     return _table_prompts(source)
+
+
+def _int_option(options: dict[str, Any], key: str, default: int, source: str, pop: bool = False) -> int:
+    """A whole-number option of a prompt source; anything else is named, not a traceback from int()."""
+    value = options.pop(key, default) if pop else options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, str) and value.strip().isdigit()):
+        raise DataError(f"{source}: options.{key} must be a whole number, got {value!r}")
+    return int(value)
 
 
 def reasoning_gym_prompts(task: str, options: dict[str, Any], split: str) -> list[PromptExample]:
     import reasoning_gym
 
-    size = int(options.pop("size", 500))
-    eval_size = int(options.pop("eval_size", 100))
-    seed = int(options.pop("seed", 0))
+    where = f"{REASONING_GYM}{task}"
+    size = _int_option(options, "size", 500, where, pop=True)
+    eval_size = _int_option(options, "eval_size", 100, where, pop=True)
+    seed = _int_option(options, "seed", 0, where, pop=True)
     instruction = options.pop("instruction", None)
 
     def build(n: int, s: int) -> Any:
