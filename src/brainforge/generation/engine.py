@@ -60,6 +60,9 @@ class Rollout:
     texts: list[str]
     logprobs: torch.Tensor | None = None  # [N, T] sampling log-probs, 0 on padding
     stats: dict[str, float] = field(default_factory=dict)
+    prefix_mask: torch.Tensor | None = None      # [N, T] bool: tokens the policy did not sample (trace, replay)
+    behaviour_logps: torch.Tensor | None = None  # [N, T] their behaviour log-probs; NaN = unknown (prob 1)
+    sources: list[str] | None = None             # per row: "policy", "trace" or "replay"
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -89,13 +92,24 @@ class GenerationEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], num_samples: int, params: SamplingParams, generator: torch.Generator | None = None) -> Rollout:
+    def generate(self, prompts: list[list[int]], num_samples: int | list[int], params: SamplingParams,
+                 generator: torch.Generator | None = None) -> Rollout:
+        """`num_samples` completions of each prompt, or `num_samples[i]` of prompt i (0 is
+        allowed: LUFFY fills some groups entirely with traces). Rows are grouped by prompt."""
         from transformers import DynamicCache
 
+        counts = [num_samples] * len(prompts) if isinstance(num_samples, int) else list(num_samples)
+        if len(counts) != len(prompts) or min(counts, default=0) < 0:
+            raise ValueError(f"num_samples: need one count >= 0 per prompt, got {counts} for {len(prompts)} prompts")
+        if sum(counts) == 0:
+            return self._empty_rollout()
+        most = max(counts)
+        # Row r of the repeated batch is sample j of prompt i at r = i * most + j; keep the asked-for ones.
+        keep_rows = torch.tensor([i * most + j for i, count in enumerate(counts) for j in range(count)])
         device = _device(self.model)
         with eval_mode(self.model), lora_merged_for_decoding(self.model):
             batch = len(prompts)
-            rows = batch * num_samples
+            rows = int(keep_rows.numel())
             width = max(len(p) for p in prompts)
             input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
             attention = torch.zeros((batch, width), dtype=torch.long)
@@ -108,10 +122,12 @@ class GenerationEngine:
             cache = DynamicCache(config=self.model.config)
             out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                              cache=cache, use_cache=True, logits_to_keep=1)
-            cache.batch_repeat_interleave(num_samples)                                # [N, ...]
-            logits = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)  # [N, V]
-            attention = attention.repeat_interleave(num_samples, dim=0)               # [N, L]
-            next_position = positions[:, -1:].repeat_interleave(num_samples, dim=0) + 1  # [N, 1]
+            cache.batch_repeat_interleave(most)                                       # [B*most, ...]
+            if rows < batch * most:
+                cache.batch_select_indices(keep_rows.to(device))                      # [N, ...]
+            logits = out.logits[:, -1].float().repeat_interleave(most, dim=0)[keep_rows.to(device)]  # [N, V]
+            attention = attention.repeat_interleave(most, dim=0)[keep_rows.to(device)]               # [N, L]
+            next_position = positions[:, -1:].repeat_interleave(most, dim=0)[keep_rows.to(device)] + 1  # [N, 1]
 
             tokens = torch.full((rows, params.max_new_tokens), self.pad_id, dtype=torch.long)
             logps = torch.zeros((rows, params.max_new_tokens)) if params.return_logprobs else None
@@ -150,7 +166,7 @@ class GenerationEngine:
         completion_ids = completion_ids.masked_fill(mask == 0, self.pad_id)
         texts = self.tokenizer.batch_decode(completion_ids.masked_fill(mask == 0, self.pad_id), skip_special_tokens=True)
         return Rollout(
-            prompt_ids=[list(p) for p in prompts for _ in range(num_samples)],
+            prompt_ids=[list(p) for p, count in zip(prompts, counts) for _ in range(count)],
             completion_ids=completion_ids,
             completion_mask=mask,
             truncated=~finished,
@@ -158,6 +174,11 @@ class GenerationEngine:
             logprobs=logps[:, :width_out] * mask if logps is not None else None,
             stats={"decode_row_steps": float(forward_rows), "completion_tokens": float(lengths.sum())},
         )
+
+    def _empty_rollout(self) -> Rollout:
+        return Rollout(prompt_ids=[], completion_ids=torch.zeros((0, 0), dtype=torch.long), completion_mask=torch.zeros((0, 0), dtype=torch.long),
+                       truncated=torch.zeros(0, dtype=torch.bool), texts=[], logprobs=None,
+                       stats={"decode_row_steps": 0.0, "completion_tokens": 0.0})
 
     def _ends_with_stop_string(self, tokens: torch.Tensor, active: torch.Tensor, step: int, stops: tuple[str, ...]) -> torch.Tensor:
         window = max(len(s) for s in stops) + 8  # tokens are at least a byte: enough context

@@ -27,6 +27,8 @@ from typing import Literal
 
 import torch
 
+from brainforge.rl.off_policy import OffPolicyLoss, off_policy_token_loss
+
 LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
 
 
@@ -53,6 +55,12 @@ class GRPOLossConfig:
     loss_type: LossType = "dapo"
     max_completion_length: int = 256
     """Dr. GRPO's constant denominator per sequence."""
+    clip: bool = True
+    """Clip the (on-policy) ratio; the LUFFY recipe turns this off."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: the loss subtracts entropy_coef x the step's mean token entropy."""
+    off_policy: OffPolicyLoss | None = None
+    """How tokens marked off-policy (`prefix_mask`) are weighted (LUFFY / ExGRPO); None: GRPO."""
 
 
 @dataclass(frozen=True)
@@ -99,19 +107,42 @@ def grpo_loss(
     ref_logps: torch.Tensor | None = None,  # [N, T]; needed when beta > 0
     active_tokens_global: float | None = None,
     totals: StepTotals | None = None,
+    prefix_mask: torch.Tensor | None = None,       # [N, T] bool: off-policy (trace / replay) tokens
+    behaviour_logps: torch.Tensor | None = None,   # [N, T] their behaviour log-probs; NaN = unknown (prob 1)
+    entropy: torch.Tensor | None = None,           # [N, T] token entropies with grad (entropy_coef > 0)
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss to minimise and detached statistics (means over this call's active tokens,
     and `tokens`, their count, to weight them when averaging over micro-batches).
 
     `totals` describes the whole step this call is a micro-batch of; without it the call
-    is its own step (and `active_tokens_global`, if given, is dapo's global token count)."""
+    is its own step (and `active_tokens_global`, if given, is dapo's global token count).
+
+    On-policy tokens get the (optionally clipped) ratio term; tokens in `prefix_mask` get
+    the off-policy term of `config.off_policy` (see off_policy.py) instead. Both share one
+    denominator, so with no off-policy token this is exactly the GRPO loss."""
     mask = mask.to(device=logps.device, dtype=logps.dtype)  # rollout tensors live on the CPU
     old = logps.detach() if old_logps is None else old_logps.to(logps.device)
     ratio = torch.exp(logps - old)                                                    # [N, T]
     adv = advantages.to(device=logps.device, dtype=logps.dtype).unsqueeze(1)          # [N, 1]
     unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - config.epsilon_low, 1 + config.epsilon_high) * adv
-    per_token = -torch.min(unclipped, clipped)                                        # [N, T]
+    if config.clip:
+        clipped = torch.clamp(ratio, 1 - config.epsilon_low, 1 + config.epsilon_high) * adv
+        on_policy = -torch.min(unclipped, clipped)                                    # [N, T]
+    else:
+        on_policy = -unclipped
+    off = torch.zeros_like(mask) if prefix_mask is None else prefix_mask.to(device=logps.device, dtype=logps.dtype)
+    on = mask * (1 - off)                                                             # [N, T] on-policy active tokens
+    off = mask * off                                                                  # [N, T] off-policy active tokens
+    shaping = config.off_policy or OffPolicyLoss()
+    on_policy = torch.where(on > 0, on_policy, torch.zeros_like(on_policy))           # no NaN leaks from off-policy/padding rows
+    per_token = shaping.on_scale * on_policy * on if config.off_policy else on_policy * on
+    off_policy = None
+    if prefix_mask is not None and bool(off.any()):
+        if config.off_policy is None:
+            raise ValueError("off-policy tokens (prefix_mask) need config.off_policy")
+        off_policy = off_policy_token_loss(logps, adv, behaviour_logps, shaping.gamma)   # [N, T]
+        per_token = per_token + shaping.off_scale * off_policy * off
+    pg_only = per_token
     kl = None
     if config.beta > 0:
         if ref_logps is None:
@@ -120,16 +151,35 @@ def grpo_loss(
         per_token = per_token + config.beta * kl
 
     loss = aggregate(per_token, mask, config, active_tokens_global, totals=totals)
+    if config.entropy_coef > 0:
+        if entropy is None:
+            raise ValueError("entropy_coef > 0 needs token entropies with gradient")
+        loss = loss - config.entropy_coef * mean_over_step(entropy, mask, totals, active_tokens_global)
 
     with torch.no_grad():
         is_clipped = ((ratio < 1 - config.epsilon_low) & (adv < 0)) | ((ratio > 1 + config.epsilon_high) & (adv > 0))
         stats = {
-            "clip_fraction": float(masked_mean(is_clipped.to(mask.dtype), mask)),
-            "ratio_mean": float(masked_mean(ratio, mask)),
+            "clip_fraction": float(masked_mean(is_clipped.to(mask.dtype), on)) if config.clip else 0.0,
+            "ratio_mean": float(masked_mean(ratio, on)),
             "kl": float(masked_mean(kl, mask)) if kl is not None else 0.0,
             "tokens": float(mask.sum()),
+            "on_tokens": float(on.sum()),
+            "off_tokens": float(off.sum()),
+            # The step loss split into its policy-gradient parts (they add up to it without KL/entropy).
+            "on_policy_loss": float(aggregate(pg_only * on, mask, config, active_tokens_global, totals=totals)),
+            "off_policy_loss": float(aggregate(pg_only * off, mask, config, active_tokens_global, totals=totals)),
+            "off_policy_prob": float(masked_mean(torch.exp(logps), off)) if off_policy is not None else 0.0,
+            "entropy": float(masked_mean(entropy, mask)) if entropy is not None else 0.0,
         }
     return loss, stats
+
+
+def mean_over_step(values: torch.Tensor, mask: torch.Tensor, totals: StepTotals | None, active_tokens_global: float | None) -> torch.Tensor:
+    """This micro-batch's share of the step's token mean of `values` (like dapo's denominator)."""
+    masked = (values * mask).sum()
+    if totals is None:
+        return masked / max(active_tokens_global if active_tokens_global is not None else float(mask.sum()), 1.0)
+    return masked / (max(totals.tokens_global, 1.0) / totals.world_size)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, config: GRPOLossConfig, active_tokens_global: float | None = None,
@@ -153,11 +203,17 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, config: GRPOLossConfi
     raise ValueError(f"unknown loss_type {config.loss_type!r}; use grpo, bnpo, dapo or dr_grpo")
 
 
-TOKEN_STATS = ("clip_fraction", "ratio_mean", "kl")
+TOKEN_STATS = ("clip_fraction", "ratio_mean", "kl", "entropy")
+"""Statistics averaged over the step's active tokens."""
+ON_POLICY_STATS = ("clip_fraction", "ratio_mean")
+"""The TOKEN_STATS that grpo_loss averages over on-policy tokens only (a trace token has no
+ratio to clip), so they are weighted by on-policy tokens across micro-batches."""
+SUM_STATS = ("on_policy_loss", "off_policy_loss", "on_tokens", "off_tokens")
+"""Statistics that add up over micro-batches."""
 
 
 def loss_pass(
-    logps_fn: Callable[[slice], torch.Tensor],
+    logps_fn: Callable[[slice], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
     advantages: torch.Tensor,
     mask: torch.Tensor,
     config: GRPOLossConfig,
@@ -166,32 +222,57 @@ def loss_pass(
     old_logps: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    prefix_mask: torch.Tensor | None = None,
+    behaviour_logps: torch.Tensor | None = None,
+    keep_logps: list[torch.Tensor] | None = None,
 ) -> tuple[float, dict[str, float]]:
     """One gradient pass over a step batch in micro-batches: `logps_fn(rows)` gives the
-    policy log-probs [n, T] of those rows (with grad), each micro-batch's loss is
-    back-propagated with `backward` as soon as it is computed (so only one micro-batch's
-    activations are alive), and the gradients add up to the whole batch's.
+    policy log-probs [n, T] of those rows (with grad), or (log-probs, entropies) when the
+    loss has an entropy bonus; each micro-batch's loss is back-propagated with `backward`
+    as soon as it is computed (so only one micro-batch's activations are alive), and the
+    gradients add up to the whole batch's. `keep_logps`, if given, receives each
+    micro-batch's log-probs, detached (ExGRPO records them as the sampling policy's).
 
-    Returns the step loss and the token-level statistics averaged over the whole batch's
-    active tokens (each micro-batch weighted by its tokens, not summed, not averaged
-    per micro-batch)."""
+    Returns the step loss and its statistics: TOKEN_STATS averaged over the whole batch's
+    active tokens (each micro-batch weighted by its tokens, not averaged per micro-batch;
+    ON_POLICY_STATS over on-policy tokens), SUM_STATS summed, and `off_policy_prob` averaged over off-policy tokens."""
     rows = int(mask.shape[0])
     micro = micro_batch_size or rows
-    step_loss, weighted, tokens = 0.0, dict.fromkeys(TOKEN_STATS, 0.0), 0.0
+    step_loss, tokens, off_tokens = 0.0, 0.0, 0.0
+    weighted = dict.fromkeys(TOKEN_STATS, 0.0)
+    summed = dict.fromkeys(SUM_STATS, 0.0)
+    off_prob = 0.0
     for start in range(0, rows, micro):
         part = slice(start, min(start + micro, rows))
+        out = logps_fn(part)
+        logps, entropy = out if isinstance(out, tuple) else (out, None)
+        if keep_logps is not None:
+            keep_logps.append(logps.detach())
         loss, stats = grpo_loss(
-            logps_fn(part), advantages[part], mask[part], config,
+            logps, advantages[part], mask[part], config,
             old_logps=old_logps[part] if old_logps is not None else None,
             ref_logps=ref_logps[part] if ref_logps is not None else None,
             totals=totals,
+            prefix_mask=prefix_mask[part] if prefix_mask is not None else None,
+            behaviour_logps=behaviour_logps[part] if behaviour_logps is not None else None,
+            entropy=entropy if config.entropy_coef > 0 else None,
         )
         backward(loss)
         step_loss += float(loss.detach())
+        if entropy is not None and config.entropy_coef == 0:
+            with torch.no_grad():
+                stats["entropy"] = float(masked_mean(entropy.detach(), mask[part].to(entropy.device, entropy.dtype)))
         for key in TOKEN_STATS:
-            weighted[key] += stats[key] * stats["tokens"]
+            weighted[key] += stats[key] * stats["on_tokens" if key in ON_POLICY_STATS else "tokens"]
+        for key in SUM_STATS:
+            summed[key] += stats[key]
+        off_prob += stats["off_policy_prob"] * stats["off_tokens"]
         tokens += stats["tokens"]
-    return step_loss, {key: value / max(tokens, 1.0) for key, value in weighted.items()}
+        off_tokens += stats["off_tokens"]
+    result = {key: value / max(summed["on_tokens"] if key in ON_POLICY_STATS else tokens, 1.0) for key, value in weighted.items()}
+    result.update(summed)
+    result["off_policy_prob"] = off_prob / max(off_tokens, 1.0)
+    return step_loss, result
 
 
 def soft_overlong_penalty(lengths: torch.Tensor, max_length: int, cache: int) -> torch.Tensor:
