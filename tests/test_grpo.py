@@ -43,7 +43,7 @@ def test_grpo_run_writes_adapter_curves_and_logs(tmp_path, tiny_model_dir):
     (run,) = list((tmp_path / "outputs").iterdir())
     assert (run / "adapter" / "adapter_model.safetensors").exists() and (run / "reward_kl.png").stat().st_size > 1000
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] == 3 and set(metrics["seconds_per_step_by_phase"]) == {"generation", "rewards", "reference", "loss", "optimizer"}
+    assert metrics["steps"] == 3 and set(metrics["seconds_per_step_by_phase"]) == {"plan", "generation", "rewards", "reference", "loss", "optimizer", "remember"}
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

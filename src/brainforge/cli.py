@@ -119,7 +119,7 @@ def data_preview(
 
     cfg = load_config(config, set_)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
-    if cfg.algorithm.name == "grpo":
+    if cfg.algorithm.is_rl:
         _preview_prompts(cfg, tokenizer, count)
         return
     for i, example in enumerate(preview(cfg, tokenizer, count)):
@@ -259,6 +259,10 @@ app.command()(memory_cli.ingest)
 app.command()(memory_cli.search)
 app.command()(memory_cli.ask)
 app.add_typer(memory_cli.sop_app, name="sop")
+
+from brainforge.traces_cli import traces_app  # noqa: E402  (typer functions; heavy imports happen inside them)
+
+app.add_typer(traces_app, name="traces")
 
 
 def main() -> None:

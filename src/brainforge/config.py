@@ -8,6 +8,8 @@ and a fix.
 
 from __future__ import annotations
 
+import logging
+
 import difflib
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -17,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from brainforge.errors import ConfigError
 from brainforge.safe_yaml import MAX_DOCUMENT_CHARS, safe_load
+
+log = logging.getLogger(__name__)
 
 SourceType = Literal["chat", "coding", "function_calling", "language", "prompt"]
 OutputFormat = Literal["chatml", "alpaca", "llama2", "mistral"]
@@ -344,11 +348,143 @@ class GRPOSettings(StrictModel):
         return self
 
 
+class OffPolicySettings(StrictModel):
+    """LUFFY: off-policy reasoning traces mixed into GRPO groups (ALGORITHMS.md section 3).
+    Used by `luffy` and `hybrid`; `exgrpo` and `hybrid` use the shaping, weights, entropy
+    and gradient-skip settings for their replayed trajectories too."""
+
+    traces: list[str] = Field(default_factory=list)
+    """Where traces come from: JSONL trace files (see `brainforge traces show`), and/or
+    `worked:<family>` for a built-in programmatic teacher that writes a worked solution for
+    each training prompt offline (`brainforge traces families` lists them)."""
+    trace_columns: dict[str, str] = Field(default_factory=dict)
+    """Column mapping for trace files in other layouts, e.g. {prompt: problem, response: solution}.
+    OpenR1-Math style files (`problem` + `generations`) are recognised without it."""
+    n_prefix: int = 1
+    """Slots of each group (of num_generations) that hold a trace instead of a fresh sample,
+    when the prompt has that many traces. The group size stays num_generations."""
+    min_off_policy_reward: float | None = None
+    """Drop traces whose recorded reward is below this (traces without one are kept)."""
+    too_long: Literal["cut", "drop"] = "drop"
+    """A trace longer than algorithm.grpo.max_new_tokens: cut to the budget (it keeps its
+    reward, which a cut answer may no longer earn) or drop it. Counted either way."""
+    wrong_traces: Literal["keep", "drop"] = "drop"
+    """A trace the config's reward scores below the success threshold: keep it (its
+    advantage will be negative) or drop it. Reported either way."""
+    shaping_gamma: float = 0.1
+    """gamma of the policy shaping f(w) = w / (w + gamma) on off-policy tokens."""
+    on_weight: float = 0.5
+    """Relative weight of the on-policy policy-gradient term of the loss."""
+    off_weight: float = 0.5
+    """Relative weight of the off-policy (trace / replay) term. The two are normalised to
+    sum to 2: the on- and off-policy terms are multiplied by 2*on/(on+off) and
+    2*off/(on+off), so the seed's 0.5/0.5 is LUFFY's loss exactly (both terms weight 1),
+    and with no off-policy sample in a step the loss equals GRPO's. Only the ratio matters:
+    0.25/0.75 weighs trace tokens 3x as much as sampled ones."""
+    entropy_coef: float = 0.001
+    """Entropy bonus: the loss subtracts entropy_coef x mean token entropy (with gradient)."""
+    clip_on_policy: bool = False
+    """Clip the on-policy ratio at 1 +- epsilon as GRPO does (the LUFFY recipe does not).
+    Off-policy tokens are never clipped."""
+    use_behaviour_logprobs: bool = True
+    """Traces that carry the teacher's per-token log-probs (made with this model's
+    tokenizer) use w = pi_theta / pi_teacher; others take the behaviour probability as 1."""
+    skip_update_grad_norm: float | None = 500.0
+    """Skip an optimizer update whose gradient norm is not finite or above this (ExGRPO's
+    skip bound); the step still counts. null never skips."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "OffPolicySettings":
+        problems = []
+        if self.n_prefix < 0:
+            problems.append("algorithm.off_policy.n_prefix: must be >= 0")
+        if self.shaping_gamma <= 0:
+            problems.append("algorithm.off_policy.shaping_gamma: must be > 0")
+        if self.on_weight < 0 or self.off_weight < 0 or self.on_weight + self.off_weight <= 0:
+            problems.append("algorithm.off_policy.on_weight/off_weight: must be >= 0 and not both 0")
+        if self.entropy_coef < 0:
+            problems.append("algorithm.off_policy.entropy_coef: must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ExperienceSettings(StrictModel):
+    """ExGRPO: replay of the model's own correct trajectories (ALGORITHMS.md section 4)."""
+
+    experience_ratio: float = 0.5
+    """rho: up to floor(rho x prompts_per_step) prompts of a step are replayed questions."""
+    start_solve_rate: float = 0.35
+    """Replay starts after the first step whose share of correct samples exceeds this."""
+    lbound: int = 0
+    """Questions with lbound < k successes <= rbound (of num_generations) enter the buffer."""
+    rbound: int | None = None
+    """Upper bound on k (default num_generations - 1); k = num_generations retires the question."""
+    bucket_weighting: Literal["normal", "linear", "sqrt", "uniform"] = "normal"
+    """How buckets (by k) are weighted when sampling questions: `normal` is a Gaussian at
+    k = K/2 with sigma 1, favouring medium difficulty."""
+    selection: Literal["lowest_entropy", "random"] = "lowest_entropy"
+    """Which stored trajectory of a sampled question is replayed: the one with the lowest
+    mean token entropy under the *current* policy, or a random one."""
+    max_trajectories_per_question: int = 8
+    """Stored correct trajectories kept per question (oldest dropped first)."""
+    success_threshold: float = 1.0
+    """A sample counts as correct when its total reward is >= this."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperienceSettings":
+        problems = []
+        if not 0 <= self.experience_ratio <= 1:
+            problems.append("algorithm.experience.experience_ratio: must be in [0, 1]")
+        if self.lbound < 0 or (self.rbound is not None and self.rbound < self.lbound):
+            problems.append("algorithm.experience.lbound/rbound: need 0 <= lbound <= rbound")
+        if self.max_trajectories_per_question < 1:
+            problems.append("algorithm.experience.max_trajectories_per_question: must be >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+RL_ALGORITHMS = ("grpo", "luffy", "exgrpo", "hybrid")
+
+
 class AlgorithmConfig(StrictModel):
-    name: Literal["sft", "grpo"] = "sft"
-    """Training algorithm: sft (supervised) or grpo (reinforcement learning with rewards)."""
+    name: Literal["sft", "grpo", "luffy", "exgrpo", "hybrid"] = "sft"
+    """Training algorithm: sft (supervised), grpo (reinforcement learning with rewards),
+    luffy (GRPO + off-policy traces), exgrpo (GRPO + replay of the model's own successes),
+    hybrid (luffy and exgrpo together, the seed's flow)."""
     grpo: GRPOSettings = Field(default_factory=GRPOSettings)
-    """GRPO settings (used when name is grpo)."""
+    """The RL core's settings (used by grpo, luffy, exgrpo and hybrid)."""
+    off_policy: OffPolicySettings = Field(default_factory=OffPolicySettings)
+    """Trace mixing and the off-policy loss (luffy, exgrpo, hybrid)."""
+    experience: ExperienceSettings = Field(default_factory=ExperienceSettings)
+    """The experience buffer (exgrpo, hybrid)."""
+
+    @property
+    def is_rl(self) -> bool:
+        return self.name in RL_ALGORITHMS
+
+    @model_validator(mode="after")
+    def _off_policy_defaults(self) -> "AlgorithmConfig":
+        """luffy/exgrpo/hybrid follow their recipes where the config is silent: advantages
+        without the std division (grpo_use_std=False) and a batch-size-independent
+        denominator (Dr. GRPO's B x max_new_tokens)."""
+        if self.name in ("luffy", "exgrpo", "hybrid"):
+            if "scale_rewards" not in self.grpo.model_fields_set:
+                self.grpo.scale_rewards = "none"
+            if "loss_type" not in self.grpo.model_fields_set:
+                self.grpo.loss_type = "dr_grpo"
+            if self.name == "exgrpo" and self.off_policy.traces:
+                raise ValueError("algorithm.off_policy.traces: exgrpo replays the model's own successes and uses no traces; "
+                                 "use algorithm.name: hybrid for traces and replay together, or luffy for traces alone")
+            rbound = self.experience.rbound
+            if rbound is not None and rbound >= self.grpo.num_generations:
+                raise ValueError(f"algorithm.experience.rbound: must be < num_generations ({self.grpo.num_generations}); "
+                                 "k = num_generations retires a question")
+            if self.off_policy.n_prefix >= self.grpo.num_generations and self.name != "exgrpo":
+                log.warning("algorithm.off_policy.n_prefix %d >= num_generations: groups with traces hold no fresh sample",
+                            self.off_policy.n_prefix)
+        return self
 
 
 # --------------------------------------------------------------------------- memory
@@ -484,7 +620,7 @@ class BrainforgeConfig(StrictModel):
             for index, source in enumerate(self.sources() if not problems else []):
                 if source.type == "prompt":
                     problems.append(f"{'datasets.sources.' + str(index) if self.datasets.multi_source_enabled else 'data.source'}.type: "
-                                    "'prompt' sources have no answers to imitate and are for RL (algorithm.name: grpo); use chat, coding, language or function_calling")
+                                    "'prompt' sources have no answers to imitate and are for RL (algorithm.name: grpo, luffy, exgrpo or hybrid); use chat, coding, language or function_calling")
         t = self.training
         if t.num_epochs is None and t.max_steps is None:
             problems.append("training.max_steps: set training.max_steps or training.num_epochs")
@@ -494,7 +630,7 @@ class BrainforgeConfig(StrictModel):
             problems.append("training.precision: fp16 is not supported on CPU; use bf16 or fp32")
         if self.peft.quantization.load_in_4bit and self.peft.quantization.bnb_4bit_compute_dtype == "float16" and self.hardware.accelerator == "cpu":
             problems.append("peft.quantization.bnb_4bit_compute_dtype: float16 is slow and unsupported on CPU; use bfloat16")
-        if self.algorithm.name == "grpo":
+        if self.algorithm.is_rl:
             defaults = TrainingConfig.model_fields
             if t.gradient_accumulation_steps != defaults["gradient_accumulation_steps"].default:
                 problems.append("training.gradient_accumulation_steps: not used by algorithm grpo (each step is one rollout batch). "

@@ -236,7 +236,7 @@ def estimate_memory(config: BrainforgeConfig, shape: ModelShape, weight_bytes: i
         return kept * weight_bytes + labelled * shape.vocab * (weight_bytes + 8)  # + logits, fp32 copy, log-softmax
 
     training = config.training
-    if config.algorithm.name == "grpo":
+    if config.algorithm.is_rl:
         settings = config.algorithm.grpo
         sequences = settings.prompts_per_step * settings.num_generations
         prompt = min(config.data.max_seq_length, 1024 if config.memory.enabled else GRPO_PROMPT_TOKENS)
@@ -339,7 +339,7 @@ def _advice(config: BrainforgeConfig, estimate: MemoryEstimate) -> str:
         "reference pass": "set algorithm.grpo.micro_batch_size lower",
     }
     tips["gradients"] = tips["optimizer"] = tips["adapter"]
-    if config.algorithm.name == "grpo":
+    if config.algorithm.is_rl:
         tips["activations"] = "set algorithm.grpo.micro_batch_size lower, or lower max_new_tokens / data.max_seq_length"
     ordered = sorted((size, name) for name, size in estimate.terms.items() if name in tips)
     seen: list[str] = []

@@ -2,13 +2,18 @@
 within their group, and push the policy toward the better ones.
 
 One training step reads top to bottom:
-    1. generate      K completions for each of the B prompts (one batched call)
+    0. plan groups   which prompts, and which of their K slots hold samples the policy did
+                     not draw: a teacher's trace (LUFFY, luffy.py) or a replayed past
+                     success (ExGRPO, exgrpo.py); plain GRPO has none
+    1. generate      the remaining completions of each group (one batched call)
     2. score         every reward function; weighted sum per completion
     3. advantages    group-normalised (rewards minus the group mean, optionally / std)
     4. reference     log-probs with the LoRA adapter disabled (same weights, no 2nd model)
     5. loss          clipped surrogate + beta * k3 KL, aggregated per `loss_type`, in
                      micro-batches sized independently of the generation batch
+                     (off-policy tokens weighted by f(w) = w/(w+gamma), rl/off_policy.py)
     6. update        clip, optimizer step, LR schedule; log everything
+    7. remember      ExGRPO: store this step's successes in the experience buffer
 
 Why the logged loss sits near 0 at the start: with one update per generation the ratio is
 exactly 1, the advantages of each group sum to 0, and (with `grpo` aggregation) the loss
@@ -28,13 +33,16 @@ from typing import Any
 import lightning as L
 import torch
 
-from brainforge.config import GRPOSettings, TrainingConfig
+from brainforge.config import GRPOSettings, OffPolicySettings, TrainingConfig
 from brainforge.data.prompts import PromptExample
 from brainforge.generation.engine import GenerationEngine, Rollout, SamplingParams
 from brainforge.rewards.registry import RewardError, call_reward, resolve_reward
 from brainforge.models.modes import eval_mode
 from brainforge.rl.advantages import group_advantages, scored_mask, zero_std_fraction
-from brainforge.rl.losses import TOKEN_STATS, GRPOLossConfig, StepTotals, loss_pass
+from brainforge.rl.losses import SUM_STATS, TOKEN_STATS, GRPOLossConfig, StepTotals, loss_pass
+from brainforge.rl.off_policy import OffPolicyLoss
+from brainforge.rl.experience import Experience
+from brainforge.training.mixed_groups import OffPolicySample, assemble_groups
 from brainforge.training.checkpointing import keep_trainable_state
 from brainforge.data.collate import packed_collate
 from brainforge.data.templates import IGNORE_INDEX, TokenizedExample
@@ -45,7 +53,10 @@ log = logging.getLogger(__name__)
 
 
 class GRPOModule(L.LightningModule):
-    def __init__(self, model: Any, tokenizer: Any, chat_template: str, settings: GRPOSettings, training: TrainingConfig, total_steps: int):
+    def __init__(self, model: Any, tokenizer: Any, chat_template: str, settings: GRPOSettings, training: TrainingConfig, total_steps: int,
+                 off_policy: OffPolicySettings | None = None, traces: Any = None, replay: Any = None):
+        """`off_policy` switches on the mixed-policy loss; `traces` (luffy.TraceSlots) and
+        `replay` (exgrpo.ExperienceReplay) fill group slots with off-policy samples."""
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -60,10 +71,18 @@ class GRPOModule(L.LightningModule):
             max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
             stop_strings=tuple(settings.stop_strings),
         )
+        self.off_policy = off_policy
+        self.traces = traces
+        self.replay = replay
         self.loss_config = GRPOLossConfig(
             epsilon_low=settings.epsilon, epsilon_high=settings.epsilon_high if settings.epsilon_high is not None else settings.epsilon,
             beta=settings.beta, loss_type=settings.loss_type, max_completion_length=settings.max_new_tokens,
+            clip=off_policy.clip_on_policy if off_policy else True,
+            entropy_coef=off_policy.entropy_coef if off_policy else 0.0,
+            off_policy=OffPolicyLoss.from_weights(off_policy.shaping_gamma, off_policy.on_weight, off_policy.off_weight) if off_policy else None,
         )
+        self.skip_grad_norm = off_policy.skip_update_grad_norm if off_policy else None
+        self.skipped_updates = 0
         self.rewards = [(spec.name, resolve_reward(spec.name), spec.weight, dict(spec.kwargs)) for spec in settings.reward_functions]
         self.history: list[dict[str, float]] = []
         self._zero_signal_streak = 0
@@ -72,20 +91,24 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------ the step
 
     def training_step(self, prompts: list[PromptExample], batch_idx: int) -> torch.Tensor:
-        """One GRPO step: one rollout batch, `num_iterations` optimizer updates on it.
+        """One step: one rollout batch, `num_iterations` optimizer updates on it.
         `global_step` (checkpoint, log and schedule intervals, `max_steps`) advances once
         per step, however many updates it makes."""
         K = self.settings.num_generations
         timings: dict[str, float] = {}
 
         clock = time.perf_counter()
+        prompts, off_policy = self.plan_groups(prompts)                                    # B prompts, off-policy samples of each
+        timings["plan"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         prompt_ids = [self.encode_prompt(p) for p in prompts]
-        rollout = self.engine.generate(prompt_ids, K, self.sampling)
+        fresh = self.engine.generate(prompt_ids, [K - len(o) for o in off_policy], self.sampling)
+        rollout = assemble_groups(prompt_ids, off_policy, fresh, K, self.engine.pad_id)    # [N = B*K] rows, groups of K
         timings["generation"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
         rewards, per_function = self.score(prompts, rollout)                               # [N], {name: [N]}
-        advantages = group_advantages(rewards, K, self.settings.scale_rewards)             # [N]
+        advantages = group_advantages(rewards, K, self.settings.scale_rewards)             # [N] over the whole mixed group
         scored = scored_mask(rewards)                                                      # [N] no reward: no part in the loss
         mask = rollout.completion_mask.float() * scored.float()[:, None]                   # [N, T]
         if self.settings.mask_truncated_completions:
@@ -99,28 +122,28 @@ class GRPOModule(L.LightningModule):
         timings["reference"] = time.perf_counter() - clock
 
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        entropy_sum = 0.0
+        with_entropy_grad = self.loss_config.entropy_coef > 0
 
-        def policy_logps(rows: slice) -> torch.Tensor:
-            nonlocal entropy_sum
-            logps, entropy = self.completion_logps(rollout, rows=rows, grad=True)
-            entropy_sum += float((entropy * mask[rows].to(entropy.device)).sum())
-            return logps
+        def policy_logps(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.completion_logps(rollout, rows=rows, grad=True, entropy_grad=with_entropy_grad)
 
         iterations = self.settings.num_iterations
-        step_loss, stats_sum = 0.0, dict.fromkeys(TOKEN_STATS, 0.0)
+        step_loss, stats_sum = 0.0, dict.fromkeys((*TOKEN_STATS, *SUM_STATS, "off_policy_prob"), 0.0)
+        sampling_logps: list[torch.Tensor] | None = [] if self.replay is not None else None
         timings["loss"] = timings["optimizer"] = 0.0
+        grad_norm = math.nan
         for iteration in range(iterations):
             clock = time.perf_counter()
             loss, stats = loss_pass(policy_logps, advantages, mask, self.loss_config, totals, self.settings.micro_batch_size,
-                                    old_logps=old_logps, ref_logps=ref_logps, backward=self.manual_backward)
+                                    old_logps=old_logps, ref_logps=ref_logps, backward=self.manual_backward,
+                                    prefix_mask=rollout.prefix_mask, behaviour_logps=rollout.behaviour_logps,
+                                    keep_logps=sampling_logps if iteration == 0 else None)
             step_loss += loss
             for key in stats_sum:
                 stats_sum[key] += stats[key]
             timings["loss"] += time.perf_counter() - clock
             clock = time.perf_counter()
-            if self.training_cfg.max_grad_norm is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=self.training_cfg.max_grad_norm, gradient_clip_algorithm="norm")
+            grad_norm = self.clip_and_check(optimizer)
             if iteration == iterations - 1:
                 optimizer.step()      # counted: global_step += 1 for the whole rollout batch
                 scheduler.step()
@@ -129,15 +152,41 @@ class GRPOModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             timings["optimizer"] += time.perf_counter() - clock
 
+        clock = time.perf_counter()
+        if self.replay is not None and sampling_logps is not None:
+            self.replay.collect(prompts, rollout, rewards, torch.cat(sampling_logps).cpu())
+        timings["remember"] = time.perf_counter() - clock
+
         metrics = self.step_metrics(rollout, rewards, per_function, advantages, mask, timings)
-        metrics.update(
-            loss=step_loss / iterations,
-            clip_fraction=stats_sum["clip_fraction"] / iterations,
-            kl=stats_sum["kl"] / iterations,
-            entropy=entropy_sum / max(totals.tokens, 1.0) / iterations,
-        )
+        metrics.update({key: stats_sum[key] / iterations for key in TOKEN_STATS})
+        metrics.update(loss=step_loss / iterations, grad_norm=grad_norm, skipped_updates=float(self.skipped_updates))
+        if self.off_policy is not None:
+            metrics.update(self.off_policy_metrics(rollout, rewards, stats_sum, iterations))
         self.record(metrics, prompts, rollout, rewards)
         return torch.tensor(step_loss / iterations)
+
+    def plan_groups(self, prompts: list[PromptExample]) -> tuple[list[PromptExample], list[list[OffPolicySample]]]:
+        """Plain GRPO: every slot is a fresh sample. ExGRPO swaps some prompts for replayed
+        questions (with one past success each); LUFFY gives the others their traces."""
+        off_policy: list[list[OffPolicySample]] = [[] for _ in prompts]
+        if self.replay is not None:
+            prompts, off_policy = self.replay.plan(prompts, self.mean_entropies)
+        if self.traces is not None:
+            off_policy = [samples or self.traces.samples_for(prompt) for prompt, samples in zip(prompts, off_policy)]
+        return prompts, off_policy
+
+    def clip_and_check(self, optimizer: Any) -> float:
+        """Clip the gradient norm; with `skip_update_grad_norm`, drop a non-finite or huge
+        gradient entirely (the optimizer then skips every parameter: no momentum step either)."""
+        params = [p for group in optimizer.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        limit = self.training_cfg.max_grad_norm
+        norm = float(torch.nn.utils.clip_grad_norm_(params, limit if limit is not None else math.inf)) if params else 0.0
+        if self.skip_grad_norm is not None and (not math.isfinite(norm) or norm > self.skip_grad_norm):
+            log.warning("step %d: gradient norm %s above %s; update skipped", self.global_step, norm, self.skip_grad_norm)
+            self.skipped_updates += 1
+            for p in params:
+                p.grad = None
+        return norm
 
     # ------------------------------------------------------------------ pieces
 
@@ -148,9 +197,13 @@ class GRPOModule(L.LightningModule):
     def score(self, prompts: list[PromptExample], rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of all reward functions; NaN where every function returned None."""
         K = self.settings.num_generations
-        prompt_texts = [p.text for p in prompts for _ in range(K)]
-        keys = sorted({k for p in prompts for k in p.columns})
-        columns = {k: [p.columns.get(k) for p in prompts for _ in range(K)] for k in keys}
+        return self.score_rows([p for p in prompts for _ in range(K)], rollout)
+
+    def score_rows(self, row_prompts: list[PromptExample], rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Rewards of rollout row i as a reply to row_prompts[i]."""
+        prompt_texts = [p.text for p in row_prompts]
+        keys = sorted({k for p in row_prompts for k in p.columns})
+        columns = {k: [p.columns.get(k) for p in row_prompts] for k in keys}
         total = torch.zeros(len(rollout.texts))
         seen = torch.zeros(len(rollout.texts), dtype=torch.bool)
         per_function: dict[str, torch.Tensor] = {}
@@ -170,9 +223,11 @@ class GRPOModule(L.LightningModule):
         total[~seen] = math.nan
         return total, per_function
 
-    def completion_logps(self, rollout: Rollout, rows: slice | None = None, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs [n, T] of the sampled completion tokens at the sampling temperature,
-        and per-token entropies (detached), 0 on padding.
+    def completion_logps(self, rollout: Rollout, rows: slice | None = None, grad: bool = True,
+                         entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs [n, T] of the completion tokens at the sampling temperature, and
+        per-token entropies (with gradient when `entropy_grad`, for an entropy bonus;
+        detached otherwise), 0 on padding.
 
         Padding-free: each row's prompt and its *actual* completion are laid end to end in
         one packed row (attention kept inside each, positions restarting), so no compute is
@@ -201,10 +256,31 @@ class GRPOModule(L.LightningModule):
             logp_all = torch.log_softmax(logits, dim=-1)
             picked = logp_all.gather(1, targets.to(device)[:, None]).squeeze(1)            # [C]
             logps = torch.zeros((n, T), device=device, dtype=picked.dtype).index_put((row_index.to(device), token_index.to(device)), picked)
-        with torch.no_grad():
-            entropy = torch.zeros((n, T), device=device)
-            entropy[row_index, token_index] = -(logp_all.exp() * logp_all).sum(-1)
+        with torch.set_grad_enabled(grad and entropy_grad):
+            token_entropy = -(logp_all.exp() * logp_all).sum(-1)                           # [C]
+            if not (grad and entropy_grad):
+                token_entropy = token_entropy.detach()
+            entropy = torch.zeros((n, T), device=device, dtype=token_entropy.dtype).index_put(
+                (row_index.to(device), token_index.to(device)), token_entropy)
         return logps, entropy
+
+    @torch.no_grad()
+    def mean_entropies(self, prompt: PromptExample, trajectories: list[Experience]) -> list[float]:
+        """Mean token entropy of each stored trajectory under the *current* policy (ExGRPO
+        replays the one it is least uncertain about), in eval mode like the sampler."""
+        prompt_ids = self.encode_prompt(prompt)
+        width = max(len(t.token_ids) for t in trajectories)
+        ids = torch.full((len(trajectories), width), self.engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(trajectories), width), dtype=torch.long)
+        for i, t in enumerate(trajectories):
+            ids[i, : len(t.token_ids)] = torch.tensor(t.token_ids)
+            mask[i, : len(t.token_ids)] = 1
+        batch = Rollout(prompt_ids=[prompt_ids] * len(trajectories), completion_ids=ids, completion_mask=mask,
+                        truncated=torch.zeros(len(trajectories), dtype=torch.bool), texts=[t.text for t in trajectories])
+        with eval_mode(self.model):
+            _, entropy = self.completion_logps(batch, grad=False)
+        entropy = entropy.cpu()
+        return ((entropy * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
 
     @torch.no_grad()
     def frozen_logps(self, rollout: Rollout) -> torch.Tensor:
@@ -232,6 +308,29 @@ class GRPOModule(L.LightningModule):
             self.model.set_adapter("default")
 
     # ------------------------------------------------------------------ logging
+
+    def off_policy_metrics(self, rollout: Rollout, rewards: torch.Tensor, stats: dict[str, float], iterations: int) -> dict[str, float]:
+        """The mixed loss's parts, and the reward of the model's own samples alone (the
+        trace rows would otherwise lift `reward/mean` without the model learning a thing)."""
+        fresh = torch.tensor([source == "policy" for source in (rollout.sources or ["policy"] * len(rewards))])
+        valid = ~torch.isnan(rewards)
+
+        def mean(selected: torch.Tensor) -> float:
+            return float(rewards[selected & valid].mean()) if bool((selected & valid).any()) else math.nan
+
+        tokens = stats["on_tokens"] + stats["off_tokens"]
+        metrics = {
+            "off_policy/on_loss": stats["on_policy_loss"] / iterations,
+            "off_policy/off_loss": stats["off_policy_loss"] / iterations,
+            "off_policy/token_share": stats["off_tokens"] / max(tokens, 1.0),
+            "off_policy/trace_prob_mean": stats["off_policy_prob"] / iterations if stats["off_tokens"] else math.nan,
+            "off_policy/samples": float((~fresh).sum()),
+            "reward/on_policy_mean": mean(fresh),
+            "reward/off_policy_mean": mean(~fresh),
+        }
+        if self.replay is not None:
+            metrics.update(self.replay.metrics())
+        return metrics
 
     def step_metrics(self, rollout: Rollout, rewards: torch.Tensor, per_function: dict[str, torch.Tensor],
                      advantages: torch.Tensor, mask: torch.Tensor, timings: dict[str, float]) -> dict[str, float]:
@@ -325,11 +424,30 @@ class GRPOModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The experience buffer goes into the same atomically written checkpoint as the
+        adapter and optimizer: a kill never leaves one without the other."""
         keep_trainable_state(self.model, checkpoint)
-        checkpoint["brainforge"] = {"history": self.history}
+        checkpoint["brainforge"] = {"history": self.history, "skipped_updates": self.skipped_updates}
+        if self.replay is not None:
+            checkpoint["brainforge"]["experience"] = self.replay.buffer.state_dict()
+            checkpoint["brainforge"]["replay_rng"] = self.replay.generator.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.history = list(checkpoint.get("brainforge", {}).get("history", []))
+        state = checkpoint.get("brainforge", {})
+        self.history = list(state.get("history", []))
+        self.skipped_updates = int(state.get("skipped_updates", 0))
+        if self.replay is not None:
+            if "experience" not in state:
+                from brainforge.errors import ConfigError
+
+                raise ConfigError("--resume: this checkpoint has no experience buffer (it was written by a run without "
+                                  "ExGRPO replay); start a new run for algorithm exgrpo/hybrid")
+            self.replay.buffer.load_state_dict(state["experience"])
+            if "replay_rng" in state:
+                self.replay.generator.set_state(state["replay_rng"])
+            stats = self.replay.buffer.stats()
+            log.info("experience buffer restored: %d questions, %d trajectories, %d retired", stats["experience/questions"],
+                     stats["experience/size"], stats["experience/retired"])
 
 
 def _repetition(text: str) -> float:

@@ -10,14 +10,18 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 from brainforge.config import BrainforgeConfig, dump_config
 from brainforge.data.prompts import PromptExample, load_prompts
+from brainforge.data.traces import Trace
 from brainforge.data.templates import chat_format
 from brainforge.inference import ChatModel
 from brainforge.models.modes import kept_modes
@@ -29,40 +33,104 @@ log = logging.getLogger(__name__)
 
 
 class PromptDataModule(L.LightningDataModule):
-    def __init__(self, prompts: list[PromptExample], prompts_per_step: int, num_workers: int = 0):
+    def __init__(self, prompts: list[PromptExample], prompts_per_step: int, num_workers: int = 0,
+                 retired: Callable[[str], bool] | None = None, seed: int = 0):
         super().__init__()
         self.prompts = prompts
         self.prompts_per_step = prompts_per_step
         self.num_workers = num_workers
+        self.retired = retired
+        self.seed = seed
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.prompts, batch_size=self.prompts_per_step, shuffle=True, drop_last=True,
+        if self.retired is None:
+            return DataLoader(self.prompts, batch_size=self.prompts_per_step, shuffle=True, drop_last=True,
+                              collate_fn=list, num_workers=self.num_workers)
+        sampler = RetiringSampler(self.prompts, self.retired, self.seed)
+        return DataLoader(self.prompts, batch_size=self.prompts_per_step, sampler=sampler, drop_last=True,
                           collate_fn=list, num_workers=self.num_workers)
 
 
-def run_grpo(config: BrainforgeConfig, run_dir: Path, checkpoint: Path | None, model: Any, tokenizer: Any) -> Path:
+class RetiringSampler(Sampler[int]):
+    """Shuffled prompt order, reshuffled each epoch, without the questions ExGRPO retired
+    (solved K out of K): they carry no advantage and would only cost generation time."""
+
+    def __init__(self, prompts: list[PromptExample], retired: Callable[[str], bool], seed: int = 0):
+        from brainforge.rl.experience import question_uid
+
+        self.uids = [question_uid(p.messages) for p in prompts]
+        self.retired = retired
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _live(self) -> list[int]:
+        return [i for i, uid in enumerate(self.uids) if not self.retired(uid)]
+
+    def __iter__(self) -> Iterator[int]:
+        live = self._live()
+        order = torch.randperm(len(live), generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        return iter([live[i] for i in order])
+
+    def __len__(self) -> int:
+        return len(self._live())
+
+
+@dataclass
+class RLInputs:
+    """What an RL run needs besides the model, read and checked before the model loads."""
+
+    prompts: list[PromptExample]
+    traces: list[Trace] = field(default_factory=list)
+    trace_report: list[str] = field(default_factory=list)
+
+
+def prepare_rl_inputs(config: BrainforgeConfig) -> RLInputs:
+    """Prompts, and for luffy/hybrid the traces: a bad or empty trace set fails here, in
+    seconds, not after the model has loaded."""
     settings = config.algorithm.grpo
-    fmt = chat_format(config.datasets.output_format, tokenizer)
     prompts = training_prompts(config)
     if len(prompts) < settings.prompts_per_step:
         from brainforge.errors import DataError
 
         raise DataError(f"only {len(prompts)} prompts for prompts_per_step={settings.prompts_per_step}; add prompts or lower algorithm.grpo.prompts_per_step")
+    inputs = RLInputs(prompts)
+    if config.algorithm.name in ("luffy", "hybrid"):
+        from brainforge.training.luffy import check_trace_config, collect_traces
+
+        check_trace_config(config.algorithm.off_policy, config.algorithm.name)
+        inputs.traces, inputs.trace_report = collect_traces(config.algorithm.off_policy, prompts)
+        if not inputs.traces:
+            from brainforge.errors import DataError
+
+            raise DataError("algorithm.off_policy.traces: the trace sources hold no traces (" + "; ".join(inputs.trace_report) + ")")
+    return inputs
+
+
+def run_grpo(config: BrainforgeConfig, run_dir: Path, checkpoint: Path | None, model: Any, tokenizer: Any,
+             inputs: RLInputs | None = None) -> Path:
+    settings = config.algorithm.grpo
+    fmt = chat_format(config.datasets.output_format, tokenizer)
+    inputs = inputs or prepare_rl_inputs(config)
+    prompts = inputs.prompts
     if settings.reference_adapter:
         with kept_modes(model):  # load_adapter puts the whole model in eval mode: the policy's dropout would be off
             model.load_adapter(settings.reference_adapter, adapter_name="reference", is_trainable=False)
         model.set_adapter("default")  # the reference's modules stay in eval mode; its passes run in eval mode anyway
     total_steps = planned_grpo_steps(config, len(prompts))
-    module = GRPOModule(model, tokenizer, fmt.template, settings, config.training, total_steps)
-    datamodule = PromptDataModule(prompts, settings.prompts_per_step, config.data.num_workers)
-    meta = {"model": config.model.name_or_path, "output_format": config.datasets.output_format, "algorithm": "grpo"}
+    module = build_rl_module(config, model, tokenizer, fmt.template, inputs, total_steps)
+    datamodule = PromptDataModule(prompts, settings.prompts_per_step, config.data.num_workers,
+                                  retired=module.replay.buffer.is_retired if module.replay is not None else None, seed=config.training.seed)
+    meta = {"model": config.model.name_or_path, "output_format": config.datasets.output_format, "algorithm": config.algorithm.name}
     checkpointer = AdapterCheckpoint(run_dir / "checkpoints", config.training.save_every_n_steps,
                                      config.training.save_total_limit, tokenizer, fmt.template, meta)
     trainer = build_trainer(config, run_dir, total_steps, checkpointer, has_val=False)
     if trainer.is_global_zero:
         dump_config(config, run_dir / "config.yaml")
-        log.info("run folder: %s (%d GRPO steps, %d prompts, %d completions per step)", run_dir, total_steps,
-                 len(prompts), settings.prompts_per_step * settings.num_generations)
+        log.info("run folder: %s (%d %s steps, %d prompts, %d completions per step)", run_dir, total_steps,
+                 config.algorithm.name, len(prompts), settings.prompts_per_step * settings.num_generations)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint / "trainer_state.ckpt") if checkpoint else None)
     seconds = time.perf_counter() - started
@@ -72,6 +140,54 @@ def run_grpo(config: BrainforgeConfig, run_dir: Path, checkpoint: Path | None, m
         plot_curves(module.history, run_dir / "reward_kl.png")
         write_grpo_metrics(run_dir / "metrics.json", module.history, trainer.global_step, seconds)
     return run_dir
+
+
+def build_rl_module(config: BrainforgeConfig, model: Any, tokenizer: Any, chat_template: str, inputs: RLInputs,
+                    total_steps: int) -> GRPOModule:
+    """The one RL core, with LUFFY's trace slots and/or ExGRPO's replay plugged in."""
+    algorithm = config.algorithm
+    settings = algorithm.grpo
+    if algorithm.name == "grpo":
+        return GRPOModule(model, tokenizer, chat_template, settings, config.training, total_steps)
+    module = GRPOModule(model, tokenizer, chat_template, settings, config.training, total_steps, off_policy=algorithm.off_policy)
+    if algorithm.name in ("luffy", "hybrid"):
+        from brainforge.training.luffy import prepare_trace_slots
+
+        def score(prompts: list[PromptExample], texts: list[str]) -> list[float]:
+            return score_texts(module, prompts, texts)
+
+        module.traces = prepare_trace_slots(algorithm.off_policy, inputs.prompts, inputs.traces, tokenizer, chat_template,
+                                            settings.max_new_tokens, score, algorithm.experience.success_threshold, config.training.seed)
+        for line in inputs.trace_report + module.traces.report:
+            log.info("traces: %s", line)
+    if algorithm.name in ("exgrpo", "hybrid"):
+        from brainforge.training.exgrpo import ExperienceReplay
+
+        module.replay = ExperienceReplay(algorithm.experience, settings.num_generations, replay_signature(config), config.training.seed,
+                                         skip_truncated=settings.mask_truncated_completions)
+    return module
+
+
+def replay_signature(config: BrainforgeConfig) -> dict[str, Any]:
+    """What a saved experience buffer must agree with to be replayed: its token ids, log-probs
+    and success counts mean nothing under another model, template, K or bounds."""
+    experience = config.algorithm.experience
+    return {"model": config.model.name_or_path, "output_format": config.datasets.output_format,
+            "num_generations": config.algorithm.grpo.num_generations, "lbound": experience.lbound,
+            "rbound": experience.rbound if experience.rbound is not None else config.algorithm.grpo.num_generations - 1,
+            "success_threshold": experience.success_threshold,
+            "rewards": [f"{r.name}*{r.weight}" for r in config.algorithm.grpo.reward_functions]}
+
+
+def score_texts(module: GRPOModule, prompts: list[PromptExample], texts: list[str]) -> list[float]:
+    """Total reward of given replies (NaN = no verdict scores -inf: never a success)."""
+    from brainforge.generation.engine import Rollout
+    import torch
+
+    rollout = Rollout(prompt_ids=[[] for _ in texts], completion_ids=torch.zeros((len(texts), 1), dtype=torch.long),
+                      completion_mask=torch.zeros((len(texts), 1), dtype=torch.long), truncated=torch.zeros(len(texts), dtype=torch.bool), texts=texts)
+    totals, _ = module.score_rows(prompts, rollout)
+    return [-math.inf if math.isnan(v) else float(v) for v in totals.tolist()]
 
 
 def training_prompts(config: BrainforgeConfig, limit: int | None = None) -> list[PromptExample]:
@@ -138,7 +254,8 @@ def write_grpo_metrics(path: Path, history: list[dict[str, float]], steps: int, 
         "completion_length_mean": mean("completion/length_mean", history),
         "seconds_per_step": mean("time/step_s", history),
         "seconds_per_step_by_phase": {k.removeprefix("time/").removesuffix("_s"): mean(k, history)
-                                      for k in ("time/generation_s", "time/rewards_s", "time/reference_s", "time/loss_s", "time/optimizer_s")},
+                                      for k in ("time/plan_s", "time/generation_s", "time/rewards_s", "time/reference_s", "time/loss_s",
+                                                "time/optimizer_s", "time/remember_s")},
         "completion_tokens_per_s": mean("tokens_per_s/step", history),
         "train_seconds": round(seconds, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),

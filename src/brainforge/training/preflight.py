@@ -24,7 +24,7 @@ def preflight(config: BrainforgeConfig, available: int | None = None) -> MemoryE
 
     if config.model.adapter_path:
         check_adapter_folder(config.model.adapter_path)
-    if config.algorithm.name == "grpo" and config.algorithm.grpo.reference_adapter:
+    if config.algorithm.is_rl and config.algorithm.grpo.reference_adapter:
         check_adapter_folder(config.algorithm.grpo.reference_adapter)
     return check_memory(config, available)
 

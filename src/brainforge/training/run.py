@@ -58,11 +58,13 @@ def _train(config: BrainforgeConfig, config_path: Path, resume: bool) -> Path:
     if resume and checkpoint is None:
         raise BrainforgeError(f"--resume: {run_dir} has no complete checkpoint to resume from")
 
-    model, tokenizer = load_policy(config)
-    if config.algorithm.name == "grpo":
-        from brainforge.training.grpo_run import run_grpo
+    if config.algorithm.is_rl:
+        from brainforge.training.grpo_run import prepare_rl_inputs, run_grpo
 
-        return run_grpo(config, run_dir, checkpoint, model, tokenizer)
+        inputs = prepare_rl_inputs(config)  # prompts and traces are checked before the model loads
+        model, tokenizer = load_policy(config)
+        return run_grpo(config, run_dir, checkpoint, model, tokenizer, inputs)
+    model, tokenizer = load_policy(config)
 
     data = prepare_sft_data(config, tokenizer)
     datamodule = SFTDataModule(data, config, pad_id=tokenizer.pad_token_id)
