@@ -303,3 +303,23 @@ def test_default_model_on_two_digit_addition(tmp_path):
         if trace.token_ids[-1] in stops:  # a reply that ended its turn: exactly the tokens the trainer renders
             messages = [{"role": "user", "content": trace.prompt}]
             assert trace_token_ids(teacher.tokenizer, teacher.chat_template, messages, trace.response) == trace.token_ids
+
+
+def test_worked_teacher_writes_a_trace_file_the_trainer_and_cli_read(tmp_path):
+    """`--teacher worked:arithmetic` needs no model: the built-in solutions become a normal trace file."""
+    from typer.testing import CliRunner
+
+    from brainforge.cli import app
+    from brainforge.data.traces import load_traces
+    from brainforge.teachers.sampled import generate_traces
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "luffy_arithmetic.yaml"
+    out = tmp_path / "worked.jsonl"
+    report = generate_traces(config, None, "worked:arithmetic", 1, out, 6, None, None)
+    traces = load_traces(out)
+    assert report.kept == len(traces) == 6 and all(t.source == "worked:arithmetic" and t.logprobs is None for t in traces)
+    assert all(t.response.splitlines()[-1].startswith("Answer: ") for t in traces)
+    shown = CliRunner().invoke(app, ["traces", "show", str(out), "--n", "2"])
+    assert shown.exit_code == 0 and traces[0].response.splitlines()[0] in shown.output
+    again = CliRunner().invoke(app, ["traces", "generate", str(config), "--teacher", "worked:arithmetic", "--out", str(out)])
+    assert again.exit_code != 0 and load_traces(out) == traces    # an existing file is never overwritten

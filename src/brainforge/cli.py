@@ -64,7 +64,7 @@ def train(
     set_: Optional[List[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the latest run of this config from its last checkpoint."),
 ) -> None:
-    """Train as the config says (SFT today) and write the run folder."""
+    """Train as the config says (sft, grpo, luffy, exgrpo or hybrid) and write the run folder."""
     from brainforge.config import load_config
     from brainforge.training.run import RUN_DIR_ENV
     from brainforge.training.run import train as run_training

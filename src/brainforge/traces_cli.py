@@ -134,7 +134,7 @@ def reward_histogram(rewards: list[float | None], bins: int = 10) -> list[tuple[
 @traces_app.command("generate")
 def generate(
     config: Path = typer.Argument(..., help="The training config: its prompts, reward and chat template.", show_default=False),
-    teacher: str = typer.Option(..., "--teacher", help="Teacher: a local model folder, GGUF file, trained run or 'default'."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher: a local model folder, GGUF file, trained run, 'default', or worked:FAMILY (built-in solutions, no model)."),
     k: int = typer.Option(4, "--k", min=1, help="Samples drawn per prompt; only those the config's reward marks correct are kept."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Trace file to write (default: ./<config stem>.traces.jsonl)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N prompts."),

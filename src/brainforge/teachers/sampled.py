@@ -46,7 +46,7 @@ ROWS_PER_CALL = 64
 (at least one), so the prompt prefill is shared and decode steps run many rows at once."""
 
 TEACHER_FORMS = ("'default', a Hugging Face model folder (with config.json), a .gguf file, "
-                 "a run folder (with adapter/) or an adapter folder (with adapter_config.json)")
+                 "a run folder (with adapter/), an adapter folder (with adapter_config.json), or worked:FAMILY (brainforge traces families)")
 
 
 @dataclass
@@ -125,6 +125,8 @@ def generate_traces(
     config_path = Path(config_path)
     out = Path(out) if out is not None else Path.cwd() / f"{config_path.stem}.traces.jsonl"
     _refuse_existing(out)
+    if teacher.startswith("worked:"):
+        return write_worked_traces(config_path, overrides, teacher.removeprefix("worked:"), out, limit, started)
     adapter, model = resolve_teacher(teacher)
     config = load_config(config_path, overrides)
     if not config.algorithm.is_rl:
@@ -167,6 +169,30 @@ def generate_traces(
         log.warning("no correct, non-empty completion from %s; %s not written", teacher, out)
     return TeacherReport(teacher=teacher, out=out, prompts=len(prompts), samples=len(prompts) * k, kept=len(traces),
                          seconds=time.perf_counter() - started, **counts)
+
+
+def write_worked_traces(config_path: Path, overrides: list[str] | None, family: str, out: Path, limit: int | None,
+                        started: float) -> TeacherReport:
+    """`--teacher worked:<family>`: the built-in programmatic teacher's solutions for the
+    config's prompts, written as a trace file (to read, edit or mix with sampled ones). They
+    are correct by construction and carry no log-probs (the behaviour probability is 1)."""
+    from brainforge.config import load_config
+    from brainforge.data.traces import write_traces
+    from brainforge.teachers.worked import worked_traces
+    from brainforge.training.grpo_run import training_prompts
+
+    config = load_config(config_path, overrides)
+    prompts = training_prompts(config, limit)
+    traces, unsolved = worked_traces(prompts, family)
+    if unsolved:
+        log.warning("worked:%s cannot solve %d of the %d prompts (not in a format it knows); they get no trace", family, unsolved, len(prompts))
+    if traces:
+        write_traces(out, traces)
+    else:
+        log.warning("worked:%s solved none of the %d prompts; %s not written", family, len(prompts), out)
+    return TeacherReport(teacher=f"worked:{family}", out=out, prompts=len(prompts), samples=len(prompts), kept=len(traces),
+                         seconds=time.perf_counter() - started, prompts_with_trace=len(traces), duplicates=0, empty=0,
+                         truncated_kept=0)
 
 
 # ---------------------------------------------------------------------------- teacher
