@@ -38,6 +38,7 @@ class ExperienceReplay:
         self.generator = torch.Generator().manual_seed(seed)
         """All of replay's randomness; saved in checkpoints so a resumed run draws as an uninterrupted one."""
         self.last_replayed = 0
+        self.last_batch = 0
         self.length_mismatches = 0
 
     def plan(self, prompts: list[PromptExample], mean_entropies: EntropyFn) -> tuple[list[PromptExample], list[list[OffPolicySample]]]:
@@ -45,6 +46,7 @@ class ExperienceReplay:
         and each one's off-policy samples (one replayed trajectory for replayed questions)."""
         replays = self.buffer.replay_count(len(prompts))
         self.last_replayed = replays
+        self.last_batch = len(prompts)
         if replays == 0:
             return prompts, [[] for _ in prompts]
         uids = self.buffer.sample_questions(replays, self.generator)
@@ -94,4 +96,5 @@ class ExperienceReplay:
 
     def metrics(self) -> dict[str, float]:
         return {**self.buffer.stats(), "experience/replayed_prompts": float(self.last_replayed),
+                "experience/replay_share": self.last_replayed / self.last_batch if self.last_batch else 0.0,
                 "experience/length_mismatches": float(self.length_mismatches)}

@@ -137,7 +137,7 @@ def run_grpo(config: BrainforgeConfig, run_dir: Path, checkpoint: Path | None, m
     if trainer.is_global_zero:
         write_adapter(model, tokenizer, fmt.template, run_dir / "adapter", {**meta, "step": trainer.global_step})
         write_samples(ChatModel(model, tokenizer), config, run_dir / "samples.jsonl")
-        plot_curves(module.history, run_dir / "reward_kl.png")
+        plot_curves(module.history, run_dir / "reward_kl.png", TITLES[config.algorithm.name])
         write_grpo_metrics(run_dir / "metrics.json", module.history, trainer.global_step, seconds)
     return run_dir
 
@@ -211,7 +211,10 @@ def planned_grpo_steps(config: BrainforgeConfig, num_prompts: int) -> int:
     return config.training.num_epochs * (num_prompts // settings.prompts_per_step)
 
 
-def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+TITLES = {"grpo": "GRPO", "luffy": "LUFFY", "exgrpo": "ExGRPO", "hybrid": "LUFFY + ExGRPO"}
+
+
+def plot_curves(history: list[dict[str, float]], path: Path, title: str = "GRPO") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,12 +224,15 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     top.plot(steps, [h["reward/mean"] for h in history], label="reward (mean of the step)")
     top.plot(steps, _moving_average([h["reward/mean"] for h in history], 10), label="reward, 10-step average")
+    if any("reward/on_policy_mean" in h for h in history):  # luffy/exgrpo: the traces lift reward/mean by themselves
+        own = [h.get("reward/on_policy_mean", math.nan) for h in history]
+        top.plot(steps, _moving_average(own, 10), label="own samples only, 10-step average")
     top.set_ylabel("reward")
     top.legend(loc="best")
     bottom.plot(steps, [h["kl"] for h in history], color="tab:red")
     bottom.set_ylabel("KL to reference")
     bottom.set_xlabel("optimizer step")
-    figure.suptitle("GRPO training")
+    figure.suptitle(f"{title} training")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
