@@ -3,6 +3,7 @@ brainforge and for TRL's GRPOTrainer under the same budget and settings.
 
     python bench/grpo_learning.py --budget-minutes 15
     python bench/grpo_learning.py --budget-minutes 5 --tools brainforge   # quicker look
+    python bench/grpo_learning.py --budget-minutes 15 --tools luffy       # brainforge's LUFFY, same settings
 
 Task: reasoning-gym two-digit addition ("Answer with the number only."); reward: the last
 number of the reply equals the answer; 100 held-out questions that never appear in
@@ -41,8 +42,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def config_dict(output_dir: str) -> dict:
-    return {
+def config_dict(output_dir: str, algorithm: str = "grpo") -> dict:
+    """`algorithm: luffy` is the same run with one slot of each group of 4 holding the
+    built-in column-method worked solution (`worked:arithmetic`), everything else equal."""
+    config = {
         "model": {"name_or_path": "default"},
         "peft": {"lora": {"r": SETTINGS["rank"], "lora_alpha": 2 * SETTINGS["rank"]}},
         "data": {"source": {"name": "reasoning_gym:basic_arithmetic", "type": "prompt", "options": TASK_OPTIONS}},
@@ -54,24 +57,27 @@ def config_dict(output_dir: str) -> dict:
                      "save_every_n_steps": 100000, "seed": 0, "test_prompts": []},
         "logging": {"tensorboard": False},
     }
+    if algorithm == "luffy":
+        config["algorithm"]["name"] = "luffy"
+        config["algorithm"]["off_policy"] = {"traces": ["worked:arithmetic"]}
+    return config
 
 
-def train_brainforge(budget_s: float, out: Path) -> dict:
+def train_brainforge(budget_s: float, out: Path, algorithm: str = "grpo") -> dict:
     import lightning as L
 
     from brainforge.config import validate_config
-    from brainforge.data.prompts import load_prompts
     from brainforge.data.templates import chat_format
     from brainforge.training.checkpointing import write_adapter
-    from brainforge.training.grpo import GRPOModule
-    from brainforge.training.grpo_run import PromptDataModule
+    from brainforge.training.grpo_run import PromptDataModule, build_rl_module, prepare_rl_inputs
     from brainforge.training.run import load_policy
 
-    config = validate_config(config_dict(str(out)))
+    config = validate_config(config_dict(str(out), algorithm))
     L.seed_everything(0, verbose=False)
+    inputs = prepare_rl_inputs(config)
     model, tokenizer = load_policy(config)
     template = chat_format("chatml", tokenizer).template
-    module = GRPOModule(model, tokenizer, template, config.algorithm.grpo, config.training, 100000)
+    module = build_rl_module(config, model, tokenizer, template, inputs, 100000)
     started = time.perf_counter()
 
     class Budget(L.Callback):
@@ -81,12 +87,12 @@ def train_brainforge(budget_s: float, out: Path) -> dict:
 
     trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=100000, logger=False, callbacks=[Budget()],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, datamodule=PromptDataModule(load_prompts(config.sources(), None), SETTINGS["prompts"]))
+    trainer.fit(module, datamodule=PromptDataModule(inputs.prompts, SETTINGS["prompts"]))
     write_adapter(model, tokenizer, template, out / "adapter", {"model": "default"})
     elapsed, curve = 0.0, []
     for h in module.history:
         elapsed += h["time/step_s"]
-        curve.append((elapsed / 60, h["reward/mean"]))
+        curve.append((elapsed / 60, h.get("reward/on_policy_mean", h["reward/mean"])))  # luffy: the model's own samples
     return {"steps": trainer.global_step, "curve": curve}
 
 
@@ -158,8 +164,10 @@ def main() -> None:
         if args.worker == "base":
             result = {"accuracy": held_out_accuracy(None)}
         else:
-            train = train_trl if args.worker == "trl" else train_brainforge
-            result = train(args.budget_minutes * 60, out)
+            if args.worker == "trl":
+                result = train_trl(args.budget_minutes * 60, out)
+            else:
+                result = train_brainforge(args.budget_minutes * 60, out, "luffy" if args.worker == "luffy" else "grpo")
             result["accuracy_after"] = held_out_accuracy(out / "adapter")
         emit(result)
         return
