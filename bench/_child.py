@@ -35,3 +35,17 @@ def prepare_environment(worker: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if worker:
         logging.basicConfig(level=logging.WARNING)
+
+
+def cpu_name() -> str:
+    """The CPU model, for the record every figure carries (AMX vs AVX2-only decides dtype and speed)."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

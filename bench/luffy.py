@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _child import emit, prepare_environment, run_worker
+from _child import cpu_name, emit, prepare_environment, run_worker
 
 TASKS = {
     "add3": {"min_digits": 3, "max_digits": 3, "operators": ["+"], "max_new_tokens": 64},
@@ -164,7 +164,7 @@ def main() -> None:
         return
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="brainforge-luffy-"))
     context = {"task": args.task, "steps": args.steps, "held_out": args.held_out, "settings": SETTINGS,
-               "machine": platform.processor() or platform.machine(), "cpu": _cpu_name(), "cpus": os.cpu_count()}
+               "machine": platform.processor() or platform.machine(), "cpu": cpu_name(), "cpus": os.cpu_count()}
     base = run_worker(__file__, [*passed, "--out", str(workdir / "base")], "base") or {}
     print(json.dumps({"method": "base", **base, **context}), flush=True)
     curves = {}
@@ -178,16 +178,6 @@ def main() -> None:
                           **context}), flush=True)
     if curves:
         plot(curves, Path(args.plot or f"docs/luffy_{args.task}.png"), args, base)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def plot(curves: dict[str, list], path: Path, args: argparse.Namespace, base: dict) -> None:

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _child import prepare_environment
+from _child import cpu_name, prepare_environment
 
 SFT_SOURCES = [
     {"name": "sample:chat", "type": "chat", "weight": 0.5, "max_samples": 16},
@@ -443,16 +443,6 @@ def _final_run(kind: str, config: Path, run_dir: Path, logs: Path, zygote: Zygot
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
