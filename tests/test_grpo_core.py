@@ -341,10 +341,10 @@ def test_a_step_is_one_rollout_batch_and_old_logps_are_micro_batched(tmp_path, t
     no_grad_rows, first_update = [], []
     logps = GRPOModule.completion_logps
 
-    def spy_logps(self, rollout, rows=None, grad=True):
+    def spy_logps(self, rollout, rows=None, grad=True, **options):
         if not grad:
             no_grad_rows.append(len(range(rollout.completion_ids.shape[0])[rows or slice(None)]))
-        return logps(self, rollout, rows, grad)
+        return logps(self, rollout, rows, grad, **options)
 
     loss = losses.grpo_loss
 
