@@ -95,6 +95,7 @@ def test_luffy_without_usable_traces_fails_before_the_model_loads(tmp_path):
     assert result.returncode == 2 and "algorithm.off_policy.traces" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_traces_for_no_prompt_or_too_long_are_counted(tmp_path, tiny_model_dir):
     rows = [{"prompt": "What is 1 + 1?", "response": "1 and 1 make 2."},
             {"prompt": "What is 2 + 2?", "response": "four " * 40 + "4"},          # longer than max_new_tokens: dropped
@@ -149,6 +150,7 @@ def test_experience_buffer_survives_kill_9_and_resume(tmp_path, tiny_model_dir):
     assert restored and f"{len(saved['entries'])} questions" in restored[0], restored
 
 
+@pytest.mark.slow
 def test_resume_with_an_incompatible_buffer_says_what_differs(tmp_path, tiny_model_dir):
     config = rl_config(tmp_path, tiny_model_dir, "exgrpo", rewards=[{"name": "reward_fixtures.even_length_reward"}],
                        experience={"start_solve_rate": 0.1}, max_steps=2, run_name="ex")
@@ -161,6 +163,7 @@ def test_resume_with_an_incompatible_buffer_says_what_differs(tmp_path, tiny_mod
     assert result.returncode == 2 and "lbound" in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_hybrid_mixes_traces_and_replay(tmp_path, tiny_model_dir):
     traces = write_traces(tmp_path, [{"prompt": f"What is {i} + {i}?", "response": f"We add: {2 * i} {2 * i}"} for i in range(8)])
     config = rl_config(tmp_path, tiny_model_dir, "hybrid", rewards=[{"name": "reward_fixtures.even_length_reward"}],
