@@ -20,7 +20,7 @@ import numpy as np
 
 from brainforge.errors import MissingDependencyError, StoreError
 from brainforge.memory.embedder import Embedder, torch_threads
-from brainforge.memory.store import split_passages
+from brainforge.memory.store import embed_chunks
 
 if TYPE_CHECKING:
     from brainforge.memory.store import MemoryStore
@@ -46,7 +46,7 @@ class KeepOrder:
 class PassageReranker:
     """Best cosine between the query and any passage of the chunk.
 
-    The passage vectors were computed at ingest (see `MemoryStore._embed_passages`), so this
+    The passage vectors were computed at ingest (pooled from the chunk's own forward pass, see `passage_spans` in store.py), so this
     costs one dot product per passage; chunks not in the store are embedded on the spot.
     """
 
@@ -59,13 +59,15 @@ class PassageReranker:
     def scores(self, query: str, texts: Sequence[str], ids: Sequence[str] | None = None) -> list[float]:
         if not texts:
             return []
-        query_vector = self.embedder.embed_query(query)
+        # the store's embedder, read per query: a `memory tune` in another process may have swapped it
+        embedder = self.store.embedder if self.store is not None else self.embedder
+        query_vector = embedder.embed_query(query)
         best = []
         for index, text in enumerate(texts):
             if self.store is not None and ids is not None:
                 vectors = np.asarray(self.store.passage_vectors(ids[index]), dtype=np.float32)
             else:
-                vectors = self.embedder.embed_queries(split_passages(text))
+                vectors = embed_chunks(embedder, [text])[1][0]
             best.append(float(np.max(vectors @ query_vector)))
         return best
 

@@ -476,32 +476,15 @@ class MemoryStore:
         unique = list({c.id: c for c in chunks}.values())
         if not unique:
             return 0
-        vectors = self.embedder.embed_documents([c.text for c in unique])
-        self._embed_passages(unique, vectors)
+        vectors, passage_vectors = embed_chunks(self.embedder, [c.text for c in unique])
+        for chunk, rows in zip(unique, passage_vectors):
+            self._passages[chunk.id] = rows.astype(np.float16)
         collection = self._chroma()
         for start in range(0, len(unique), _CHROMA_BATCH):
             batch = unique[start:start + _CHROMA_BATCH]
             collection.upsert(ids=[c.id for c in batch], embeddings=vectors[start:start + len(batch)],
                               documents=[c.text for c in batch], metadatas=[c.metadata() for c in batch])
         return len(unique)
-
-    def _embed_passages(self, chunks: list[Chunk], vectors: np.ndarray) -> None:
-        """Vectors of each chunk's passages for the `passages` reranker, computed once here so
-        reranking at query time is a lookup and a dot product. A chunk short enough to be a
-        single passage reuses its own vector."""
-        spans: list[tuple[str, int, int]] = []  # (chunk id, first row, end row) in `texts`
-        texts: list[str] = []
-        for index, chunk in enumerate(chunks):
-            passages = split_passages(chunk.text)
-            if len(passages) == 1:
-                self._passages[chunk.id] = vectors[index:index + 1].astype(np.float16)
-            else:
-                spans.append((chunk.id, len(texts), len(texts) + len(passages)))
-                texts.extend(passages)
-        if texts:
-            passage_vectors = self.embedder.embed_documents(texts).astype(np.float16)
-            for chunk_id, start, end in spans:
-                self._passages[chunk_id] = passage_vectors[start:end]
 
     def _delete_from_chroma(self, ids: list[str]) -> None:
         collection = self._chroma()
@@ -806,6 +789,45 @@ def split_passages(text: str, lines_per_passage: int = PASSAGE_LINES) -> list[st
         return [text]
     return [header + "\n" + "\n".join(lines[start:start + lines_per_passage])
             for start in range(0, len(lines), lines_per_passage)]
+
+
+def passage_spans(text: str, lines_per_passage: int = PASSAGE_LINES) -> list[tuple[tuple[int, int], ...]]:
+    """Character ranges of the passages `split_passages` cuts: the header line's range and the
+    passage's lines' range, for passage vectors pooled from the chunk's own forward pass.
+
+    Measured on rich's source (200 docstring queries, passages reranker): pooled with the
+    header, MRR@10 0.608; without it 0.601; embedding each passage as its own text (the old
+    way, twice the ingest time) 0.631."""
+    header, newline, body = text.partition("\n")
+    lines = body.splitlines(keepends=True)
+    if len(lines) <= lines_per_passage:
+        return [((0, len(text)),)]
+    header_range = ((0, len(header)),)
+    spans, position = [], len(header) + len(newline)
+    for start in range(0, len(lines), lines_per_passage):
+        length = sum(len(line) for line in lines[start:start + lines_per_passage])
+        spans.append(header_range + ((position, position + length),))
+        position += length
+    return spans
+
+
+def embed_chunks(embedder: Embedder, texts: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Chunk vectors and, per chunk, its passage vectors (one forward pass per chunk). A chunk
+    short enough to be one passage reuses its own vector, so both stages compare the same one."""
+    spans = [passage_spans(text) for text in texts]
+    vectors, passage_vectors = embedder.embed_with_spans(texts, spans)
+    return vectors, [rows if len(span) > 1 else vectors[index:index + 1]
+                     for index, (rows, span) in enumerate(zip(passage_vectors, spans))]
+
+
+def _tuned_folder(manifest: dict[str, Any] | None) -> str | None:
+    """The tuned embedder folder a manifest names, if any."""
+    return manifest["embedder"].get("tuned") if manifest else None
+
+
+def _as_chunk(stored: StoredChunk) -> Chunk:
+    return Chunk(stored.id, stored.path, stored.start_line, stored.end_line, stored.kind, stored.name or None, None,
+                 stored.language, stored.text)
 
 
 def _stored(chunk: Chunk) -> StoredChunk:
