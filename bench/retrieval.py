@@ -1,132 +1,113 @@
-"""Retrieval quality and speed on a real corpus nobody on this project wrote.
+"""Retrieval quality and speed on corpora nobody on this project wrote, stage by stage.
 
-    python bench/retrieval.py                                  # default corpus, 200 queries
-    python bench/retrieval.py --packages rich --queries 50     # a quick run
+    python bench/retrieval.py                                          # code + docs, 500 queries per kind
+    python bench/retrieval.py --corpora code docs --packages rich --queries 30   # a quick run
+    python bench/retrieval.py --work W --reuse                         # same stores, no re-embedding
 
-Corpus: the Python source of installed libraries (default: lightning, datasets and rich,
-about 10k chunks), copied with every docstring blanked out (line numbers kept).
-Queries, known by construction: the first sentence of a documented function's docstring; the
-answer is the chunk that contains that function's `def` line. So a query never matches its
-answer by copying it, and the answer is known without anyone labelling anything.
+Corpora and queries (see bench/retrieval_corpora.py): `code` (installed packages' Python
+source, docstrings kept; `docstring` and `name` queries), `code-blanked` (docstrings blanked;
+`docstring` queries; the README's first table) and `docs` (the Python language reference that
+ships with every Python; `heading` queries). Answers are known by construction and recorded as
+chunk ids once each corpus is ingested into its own store under --work.
 
-Measured, for function-level (`smart`) and fixed-size (`lines`) chunking with the same token
-budget: Recall@1/5/10 and MRR@10 for vector only, BM25 only, hybrid (RRF) and hybrid + rerank
-(`--reranker`, default the `passages` reranker); ingest throughput; query latency p50/p95
-without and with rerank (one query thread). Prints one JSON line per chunking strategy, then
-a Markdown table for the README.
+For every query one JSON line goes to `<work>/<corpus>.stages.jsonl`: the vector, BM25,
+passage-BM25 and name-BM25 lists (depth from the store's RetrievalConfig), each listed chunk's
+best-passage cosine and token count, and the hybrid (reranker none) and default pipeline's
+top 10. So fusion and rerank ideas can be scored offline, without the embedder:
+
+    from bench.retrieval import evaluate_ranking, load_records
+    records = load_records("W/code.stages.jsonl")
+    evaluate_ranking(records, lambda r: [i for i, _ in r["bm25"]])   # {("code", "name"): {"mrr@10": ...}, ...}
+
+Printed: one JSON line per (corpus, kind) with R@1/5/10 and MRR@10 of each stage and of the
+default pipeline (`HybridRetriever(store).search(q, top_k=10)` with whatever RetrievalConfig
+src/ defaults to), ingest throughput, query latency p50/p95 of the default pipeline (one query
+thread), the machine and the command; then a Markdown table for the README; then whether the
+default pipeline is at least as good as its best single stage on each (corpus, kind).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import json
+import logging
 import os
 import platform
 import random
-import re
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from brainforge.config import MemoryConfig, RetrievalConfig
+from brainforge.errors import BrainforgeError
+from brainforge.memory.bm25 import BM25Index
 from brainforge.memory.embedder import Embedder
-from brainforge.memory.fusion import reciprocal_rank_fusion
-from brainforge.memory.rerank import build_reranker
 from brainforge.memory.retrieval import HybridRetriever
-from brainforge.memory.store import MemoryStore
+from brainforge.memory.store import MemoryStore, StoredChunk, split_passages
+
+if __package__:  # imported as bench.retrieval
+    from .retrieval_corpora import (CORPORA, DEFAULT_DOC_PACKAGES, QUERY_KINDS, Corpus, Query, build_code_corpus,
+                                    build_docs_corpus, chunk_index, package_root, sample_queries)
+else:  # run as `python bench/retrieval.py`: bench/ is on sys.path
+    from retrieval_corpora import (CORPORA, DEFAULT_DOC_PACKAGES, QUERY_KINDS, Corpus, Query, build_code_corpus,
+                                   build_docs_corpus, chunk_index, package_root, sample_queries)
+
+logger = logging.getLogger("bench.retrieval")
 
 DEFAULT_PACKAGES = ["lightning", "datasets", "rich"]
+DEPTH = 10  # R@10 / MRR@10, and how much of the hybrid and default lists a record keeps
+STAGES = ("vector", "bm25", "bm25_passages", "bm25_name", "hybrid", "default")
+SINGLE_STAGES = ("vector", "bm25")  # the pipeline's own stages: the default must not fall below the best of them
+TABLE_STAGES = ("vector", "bm25", "hybrid", "default")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--packages", nargs="+", default=DEFAULT_PACKAGES, help="installed packages whose source is the corpus")
-    parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--strategies", nargs="+", default=["smart", "lines"], choices=["smart", "lines"])
-    parser.add_argument("--reranker", default="passages", help="passages, or a CrossEncoder folder / hub id")
-    parser.add_argument("--rerank-queries", type=int, default=None, help="rerank only the first N queries (it is slow here)")
-    parser.add_argument("--work", type=Path, default=None, help="keep corpus and stores here (default: a temp folder)")
+    parser.add_argument("--corpora", nargs="+", default=["code", "docs"], choices=CORPORA)
+    parser.add_argument("--packages", nargs="+", default=DEFAULT_PACKAGES, help="installed packages whose source is the code corpus")
+    parser.add_argument("--doc-packages", nargs="+", default=list(DEFAULT_DOC_PACKAGES),
+                        help="packages whose shipped .rst/.md files join the docs corpus if the language reference gives too few headings")
+    parser.add_argument("--queries", type=int, default=500, help="queries per query kind")
+    parser.add_argument("--work", type=Path, default=None, help="keep corpora, stores and stage caches here (default: a temp folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true",
-                        help="keep the stores already in --work (quality and latency only; ingest figures then are not measured)")
-    return parser.parse_args()
+                        help="keep the stores already in --work (quality and latency only; ingest is then not measured)")
+    args = parser.parse_args(argv)
+    if args.queries <= 0:
+        parser.error("--queries must be positive")
+    if args.reuse and args.work is None:
+        parser.error("--reuse needs --work (the folder holding the stores to reuse)")
+    return args
 
 
-# ---------------------------------------------------------------------- corpus and queries
+# ---------------------------------------------------------------------- evaluation (offline, from records)
 
 
-def build_corpus(packages: list[str], target: Path, rng: random.Random, count: int) -> list[dict]:
-    """Copy each package's .py files with docstrings blanked; return queries with their answers."""
-    candidates: list[dict] = []
-    for package in packages:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit(f"package {package!r} is not installed")
-        source_root = Path(list(spec.submodule_search_locations)[0])
-        for path in sorted(source_root.rglob("*.py")):
-            relative = Path(package) / path.relative_to(source_root)
-            text = path.read_text(encoding="utf-8", errors="replace")
-            try:
-                tree = ast.parse(text)
-            except SyntaxError:
-                continue
-            lines = text.splitlines()
-            for node in ast.walk(tree):
-                if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    continue
-                doc = _docstring_node(node)
-                if doc is None:
-                    continue
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    sentence = _first_sentence(doc.value.value)
-                    if sentence:
-                        candidates.append({"query": sentence, "path": str(relative), "line": node.lineno, "name": node.name})
-                for row in range(doc.lineno - 1, doc.end_lineno):
-                    lines[row] = ""
-            destination = target / relative
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            destination.write_text("\n".join(lines) + "\n")
-    counts: dict[str, int] = {}
-    for c in candidates:
-        counts[c["query"]] = counts.get(c["query"], 0) + 1
-    unique = [c for c in candidates if counts[c["query"]] == 1]  # an ambiguous query has no single answer
-    rng.shuffle(unique)
-    return unique[:count]
+def load_records(paths: str | Path | Iterable[str | Path]) -> list[dict]:
+    """The stage records of one or more `<corpus>.stages.jsonl` files."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    records = []
+    for path in paths:
+        with open(path) as handle:
+            records.extend(json.loads(line) for line in handle if line.strip())
+    return records
 
 
-def _docstring_node(node: ast.AST):
-    body = getattr(node, "body", [])
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-        return body[0]
-    return None
+def first_gold_rank(ranked: Sequence[str], gold: Iterable[str], depth: int = DEPTH) -> int | None:
+    """1-based rank of the first gold chunk within `depth`, or None."""
+    wanted = set(gold)
+    return next((rank for rank, chunk_id in enumerate(ranked[:depth], start=1) if chunk_id in wanted), None)
 
 
-def _first_sentence(doc: str) -> str | None:
-    text = " ".join(doc.strip().split("\n\n")[0].split())
-    sentence = re.split(r"(?<=[.!?])\s", text)[0].strip()
-    words = sentence.split()
-    if len(words) < 6 or len(words) > 40 or sentence.lower().startswith(("see ", "args", "overrid", "deprecated", "alias", "same as")):
-        return None
-    return sentence
-
-
-# ---------------------------------------------------------------------- evaluation
-
-
-def first_correct_rank(ranked_ids: list[str], store: MemoryStore, query: dict, depth: int = 10) -> int | None:
-    for rank, chunk_id in enumerate(ranked_ids[:depth], start=1):
-        chunk = store.chunk(chunk_id)
-        if chunk.path == query["path"] and chunk.start_line <= query["line"] <= chunk.end_line:
-            return rank
-    return None
-
-
-def metrics(ranks: list[int | None]) -> dict:
+def metrics(ranks: Sequence[int | None]) -> dict:
     n = len(ranks)
     return {
         "recall@1": sum(1 for r in ranks if r is not None and r <= 1) / n,
@@ -137,99 +118,254 @@ def metrics(ranks: list[int | None]) -> dict:
     }
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+def evaluate_ranking(records: Iterable[dict], rank_fn: Callable[[dict], Sequence[str]]) -> dict[tuple[str, str], dict]:
+    """R@1/R@5/R@10/MRR@10 per (corpus, kind) of the order `rank_fn(record)` gives (chunk ids,
+    best first); e.g. `rank_fn=lambda r: [i for i, _ in r["bm25"]]` is the BM25 stage."""
+    ranks: dict[tuple[str, str], list[int | None]] = {}
+    for record in records:
+        ranks.setdefault((record["corpus"], record["kind"]), []).append(first_gold_rank(list(rank_fn(record)), record["gold"]))
+    return {key: metrics(values) for key, values in ranks.items()}
 
 
-def evaluate(store: MemoryStore, queries: list[dict], reranker_spec: str, rerank_queries: int) -> dict:
-    config = store.config.retrieval
-    hybrid = HybridRetriever(store, RetrievalConfig(**{**config.model_dump(), "reranker": "none"}))
-    reranker = build_reranker(reranker_spec, store.embedder, store)
-    ranks: dict[str, list] = {"vector": [], "bm25": [], "hybrid": [], "hybrid+rerank": [], "hybrid (rerank subset)": []}
-    latency_plain: list[float] = []
-    latency_rerank: list[float] = []
+def stage_ranker(stage: str) -> Callable[[dict], list[str]]:
+    """The rank_fn of a stage stored in the records (score lists, or plain id lists)."""
+    return lambda record: [item[0] if isinstance(item, list) else item for item in record[stage]]
+
+
+def reciprocal_ranks(records: Sequence[dict], rank_fn: Callable[[dict], Sequence[str]]) -> list[float]:
+    ranks = [first_gold_rank(list(rank_fn(r)), r["gold"]) for r in records]
+    return [1.0 / r if r else 0.0 for r in ranks]
+
+
+# ---------------------------------------------------------------------- stage lists
+
+
+@dataclass
+class ExperimentIndexes:
+    """Two BM25 indexes the product does not have, built here to measure whether it should:
+    over each chunk's passages (a chunk scores as its best passage) and over its definition
+    name + header line only."""
+
+    passages: BM25Index
+    names: BM25Index
+
+    @classmethod
+    def build(cls, chunks: Sequence[StoredChunk]) -> "ExperimentIndexes":
+        passage_ids: list[str] = []
+        passage_texts: list[str] = []
+        for chunk in chunks:
+            for number, passage in enumerate(split_passages(chunk.text)):
+                passage_ids.append(f"{chunk.id}#{number}")
+                passage_texts.append(passage)
+        names = BM25Index.build([c.id for c in chunks], [f"{c.name}\n{c.text.partition(chr(10))[0]}" for c in chunks])
+        return cls(BM25Index.build(passage_ids, passage_texts), names)
+
+    def passage_search(self, query: str, k: int) -> list[tuple[str, float]]:
+        """Chunks by their best passage's BM25 score, best first, up to `k` chunks."""
+        depth = 4 * k
+        while True:
+            hits = self.passages.search(query, depth)
+            best: dict[str, float] = {}
+            for passage_id, score in hits:  # best first, so a chunk's first passage is its best
+                best.setdefault(passage_id.rsplit("#", 1)[0], score)
+            if len(best) >= k or len(hits) < depth or depth >= len(self.passages.ids):
+                return list(best.items())[:k]
+            depth *= 2
+
+    def name_search(self, query: str, k: int) -> list[tuple[str, float]]:
+        return self.names.search(query, k)
+
+
+def committed_chunks(store: MemoryStore) -> list[StoredChunk]:
+    """Every chunk of the committed generation, via the manifest's per-file chunk ids (the
+    store has no public listing)."""
     store.refresh()
-    for index, query in enumerate(queries):
-        text = query["query"]
+    ids = sorted({cid for entry in store.files().values() for cid in entry["chunk_ids"]})
+    return [store.chunk(cid) for cid in ids]
+
+
+def forget_query_vectors(embedder: Embedder) -> None:
+    """The embedder remembers recent query vectors; a timed query must embed its own, or the
+    latency would leave out most of its cost."""
+    getattr(embedder, "_recent_queries", {}).clear()
+
+
+def _rounded(pairs: Iterable[tuple[str, float]]) -> list[list]:
+    return [[chunk_id, round(float(score), 6)] for chunk_id, score in pairs]
+
+
+def run_queries(corpus: str, store: MemoryStore, sample: Sequence[tuple[Query, list[str]]],
+                experiments: ExperimentIndexes, tokens: dict[str, int], out) -> list[float]:
+    """Write one stage record per query to `out`; return the default pipeline's latencies (ms)."""
+    config = store.config.retrieval
+    default = HybridRetriever(store)
+    hybrid = HybridRetriever(store, RetrievalConfig.model_validate({**config.model_dump(), "reranker": "none"}))
+    latencies = []
+    for query, gold in sample:
+        text = query.text
+        forget_query_vectors(store.embedder)
         started = time.perf_counter()
-        result = hybrid.search(text, top_k=config.recall_n)
-        latency_plain.append((time.perf_counter() - started) * 1000)
-        vector = store.vector_search(store.embedder.embed_query(text), config.vector_k)
-        bm25 = store.bm25_search(text, config.bm25_k)
-        ranks["vector"].append(first_correct_rank([c for c, _ in vector], store, query))
-        ranks["bm25"].append(first_correct_rank([c for c, _ in bm25], store, query))
-        fused = [h.chunk.id for h in result.hits]
-        assert fused[:10] == [c for c, _ in reciprocal_rank_fusion({"vector": vector, "bm25": bm25}, k=config.rrf_k)][:10]
-        ranks["hybrid"].append(first_correct_rank(fused, store, query))
-        if index < rerank_queries:
-            started = time.perf_counter()
-            scores = reranker.scores(text, [h.chunk.text for h in result.hits], [h.chunk.id for h in result.hits])
-            order = [h.chunk.id for _, h in sorted(zip(scores, result.hits), key=lambda p: -p[0])]
-            latency_rerank.append(latency_plain[-1] + (time.perf_counter() - started) * 1000)
-            ranks["hybrid+rerank"].append(first_correct_rank(order, store, query))
-            ranks["hybrid (rerank subset)"].append(ranks["hybrid"][-1])
-    if len(ranks["hybrid+rerank"]) == len(queries):
-        del ranks["hybrid (rerank subset)"]  # the same as "hybrid"
-    out = {name: metrics(values) for name, values in ranks.items() if values}
-    out["latency_ms"] = {
-        "hybrid_p50": percentile(latency_plain, 0.5), "hybrid_p95": percentile(latency_plain, 0.95),
-        "rerank_p50": percentile(latency_rerank, 0.5) if latency_rerank else None,
-        "rerank_p95": percentile(latency_rerank, 0.95) if latency_rerank else None,
-    }
-    return out
-
-
-def main() -> None:
-    args = parse_args()
-    rng = random.Random(args.seed)
-    work = args.work or Path(tempfile.mkdtemp(prefix="bf-retrieval-"))
-    corpus = work / "corpus"
-    shutil.rmtree(corpus, ignore_errors=True)
-    queries = build_corpus(args.packages, corpus, rng, args.queries)
-    rerank_queries = min(args.rerank_queries or len(queries), len(queries))
-    embedder = Embedder()
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-               "embedder_dtype": str(embedder.dtype).replace("torch.", "")}
-    rows = []
-    for strategy in args.strategies:
-        config = MemoryConfig(store=str(work / f"store-{strategy}"), chunking={"strategy": strategy})
-        store = MemoryStore(config, embedder)
-        if not args.reuse:
-            shutil.rmtree(config.store, ignore_errors=True)
-        report = store.ingest([corpus / p for p in args.packages])
-        if args.reuse and report.chunks_added == 0:
-            report.seconds = 0.0  # nothing was embedded: no ingest figure
-        result = {
-            "bench": "retrieval", "chunking": strategy, "corpus": "+".join(args.packages), "files": report.files_ingested,
-            "chunks": report.chunks_total, "ingest_chunks_per_s": round(report.chunks_per_second, 1),
-            "ingest_s": round(report.seconds, 1), "reranker": args.reranker, "machine": machine,
-            "command": "python bench/retrieval.py " + " ".join(sys.argv[1:]),
-            **evaluate(store, queries, args.reranker, rerank_queries),
+        result = default.search(text, top_k=DEPTH)
+        latencies.append((time.perf_counter() - started) * 1000.0)
+        query_vector = store.embedder.embed_query(text)
+        lists = {
+            "vector": store.vector_search(query_vector, config.vector_k),
+            "bm25": store.bm25_search(text, config.bm25_k),
+            "bm25_passages": experiments.passage_search(text, config.bm25_k),
+            "bm25_name": experiments.name_search(text, config.bm25_k),
         }
-        print(json.dumps(result), flush=True)
-        rows.append(result)
-    print(markdown(rows))
+        union = list(dict.fromkeys(cid for ranked in lists.values() for cid, _ in ranked))
+        passages = {cid: round(float(np.max(np.asarray(store.passage_vectors(cid), dtype=np.float32) @ query_vector)), 6)
+                    for cid in union}
+        record = {"corpus": corpus, "kind": query.kind, "query": text, "gold": gold,
+                  **{stage: _rounded(ranked) for stage, ranked in lists.items()},
+                  "passages": passages, "chunk_tokens": {cid: tokens[cid] for cid in union},
+                  "hybrid": [h.chunk.id for h in hybrid.search(text, top_k=DEPTH, rerank=False).hits],
+                  "default": [h.chunk.id for h in result.hits]}
+        out.write(json.dumps(record) + "\n")
+    return latencies
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| chunking | ranker | R@1 | R@5 | R@10 | MRR@10 | queries |", "|---|---|---|---|---|---|---|"]
+# ---------------------------------------------------------------------- one corpus
+
+
+def build(name: str, args: argparse.Namespace, work: Path) -> Corpus:
+    target = work / name
+    shutil.rmtree(target, ignore_errors=True)
+    if name == "docs":
+        return build_docs_corpus(target, args.doc_packages)
+    return build_code_corpus(name, args.packages, target, blank_docstrings=name == "code-blanked")
+
+
+def bench_corpus(name: str, args: argparse.Namespace, work: Path, embedder: Embedder, base: dict) -> list[dict]:
+    corpus = build(name, args, work)
+    for note in corpus.notes:
+        logger.info("%s: %s", name, note)
+    store = MemoryStore(MemoryConfig(store=str(work / f"store-{name}")), embedder)
+    if not args.reuse:
+        shutil.rmtree(store.root, ignore_errors=True)
+    report = store.ingest([corpus.root])
+    measured = report.chunks_added > 0 and not (args.reuse and report.chunks_added < report.chunks_total)
+    chunks = committed_chunks(store)
+    index = chunk_index((c.id, c.path, c.start_line, c.end_line) for c in chunks)
+    tokens = dict(zip([c.id for c in chunks], embedder.count_tokens([c.text for c in chunks])))
+    experiments = ExperimentIndexes.build(chunks)
+    samples: dict[str, list[tuple[Query, list[str]]]] = {}
+    dropped: dict[str, int] = {}
+    for kind in QUERY_KINDS[name]:
+        samples[kind], dropped[kind] = sample_queries(corpus.candidates[kind], index, args.queries, random.Random(f"{args.seed}:{kind}"))
+    cache = work / f"{name}.stages.jsonl"
+    with open(cache, "w") as out:
+        latencies = [ms for kind in samples for ms in run_queries(name, store, samples[kind], experiments, tokens, out)]
+    records = load_records(cache)
+    figures = {stage: evaluate_ranking(records, stage_ranker(stage)) for stage in STAGES}
+    rows = []
+    for kind in samples:
+        key = (name, kind)
+        if key not in figures["default"]:
+            logger.warning("%s/%s: no queries (no candidates with an answer in the store)", name, kind)
+            continue
+        chosen = [r for r in records if r["kind"] == kind]
+        rows.append({
+            **base, "corpus": name, "kind": kind, "queries": len(chosen), "candidates": len(corpus.candidates[kind]),
+            "dropped_no_gold": dropped[kind], "chunks": len(chunks), "files": len(store.files()),
+            "ingest_chunks_per_s": round(report.chunks_per_second, 1) if measured else None,
+            "ingest_s": round(report.seconds, 1) if measured else None,
+            "latency_ms": {"default_p50": round(percentile(latencies, 0.5), 1), "default_p95": round(percentile(latencies, 0.95), 1)},
+            "retrieval": store.config.retrieval.model_dump(),
+            "notes": corpus.notes, "stages_file": str(cache),
+            **{stage: figures[stage][key] for stage in STAGES},
+            "verdict": verdict(chosen),
+        })
+    return rows
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def verdict(records: Sequence[dict]) -> dict:
+    """Default pipeline against its best single stage by MRR@10, with the standard error of
+    the paired per-query difference (so "within noise" is a number, not a feeling)."""
+    default = reciprocal_ranks(records, stage_ranker("default"))
+    best_stage, best = max(((s, reciprocal_ranks(records, stage_ranker(s))) for s in SINGLE_STAGES),
+                           key=lambda pair: (sum(pair[1]), pair[0] == "bm25"))
+    differences = [d - b for d, b in zip(default, best)]
+    n = len(differences)
+    stderr = statistics.stdev(differences) / n ** 0.5 if n > 1 else float("nan")
+    delta = sum(differences) / n
+    return {"best_stage": best_stage, "delta_mrr@10": round(delta, 4), "stderr": round(stderr, 4),
+            "default_ge_best": delta >= 0, "within_noise": abs(delta) <= 2 * stderr}
+
+
+# ---------------------------------------------------------------------- report
+
+
+def machine(embedder: Embedder) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "embedder_dtype": str(embedder.dtype).replace("torch.", "")}
+
+
+def markdown(rows: Sequence[dict]) -> str:
+    names = {"vector": "vector", "bm25": "BM25", "hybrid": "hybrid (fusion, no rerank)", "default": "**default pipeline**"}
+    lines = ["| corpus | queries | stage | R@1 | R@5 | R@10 | MRR@10 |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        for ranker in ["vector", "bm25", "hybrid", "hybrid (rerank subset)", "hybrid+rerank"]:
-            if ranker in row:
-                m = row[ranker]
-                lines.append(f"| {row['chunking']} | {ranker} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | "
-                             f"{m['recall@10']:.3f} | {m['mrr@10']:.3f} | {m['queries']} |")
-    lines.append("")
-    lines.append("| chunking | chunks | ingest chunks/s | hybrid p50 / p95 ms | with rerank p50 / p95 ms |")
-    lines.append("|---|---|---|---|---|")
+        for stage in TABLE_STAGES:
+            m = row[stage]
+            lines.append(f"| {row['corpus']} | {row['kind']} ({row['queries']}) | {names[stage]} | {m['recall@1']:.3f} | "
+                         f"{m['recall@5']:.3f} | {m['recall@10']:.3f} | {m['mrr@10']:.3f} |")
+    lines += ["", "| corpus | chunks | ingest | query p50 / p95 (default pipeline) |", "| --- | --- | --- | --- |"]
+    seen = set()
     for row in rows:
+        if row["corpus"] in seen:
+            continue
+        seen.add(row["corpus"])
+        ingest = (f"{row['ingest_chunks_per_s']} chunks/s ({row['ingest_s'] / 60:.1f} min)"
+                  if row["ingest_s"] is not None else "not measured (--reuse)")
         lat = row["latency_ms"]
-        rerank = f"{lat['rerank_p50']:.0f} / {lat['rerank_p95']:.0f}" if lat["rerank_p50"] is not None else "-"
-        lines.append(f"| {row['chunking']} | {row['chunks']} | {row['ingest_chunks_per_s']} | "
-                     f"{lat['hybrid_p50']:.1f} / {lat['hybrid_p95']:.1f} | {rerank} |")
+        lines.append(f"| {row['corpus']} | {row['chunks']:,} | {ingest} | {lat['default_p50']:.0f} / {lat['default_p95']:.0f} ms |")
     return "\n".join(lines)
 
 
+def verdict_line(rows: Sequence[dict]) -> str:
+    parts = []
+    for row in rows:
+        v = row["verdict"]
+        word = "yes" if v["default_ge_best"] else ("within noise" if v["within_noise"] else "NO")
+        parts.append(f"{row['corpus']}/{row['kind']} {word} ({v['delta_mrr@10']:+.3f} MRR@10 vs {v['best_stage']}, "
+                     f"stderr {v['stderr']:.3f})")
+    return "default >= best single stage: " + "; ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    work = args.work or Path(tempfile.mkdtemp(prefix="bf-retrieval-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for package in args.packages if {"code", "code-blanked"} & set(args.corpora) else ():
+        package_root(package)  # a mistyped name fails now, not after loading the embedder
+    embedder = Embedder()
+    base = {"bench": "retrieval", "machine": machine(embedder),
+            "command": "python bench/retrieval.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    rows = []
+    for name in dict.fromkeys(args.corpora):
+        for row in bench_corpus(name, args, work, embedder, base):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    print(markdown(rows))
+    print(verdict_line(rows))
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrainforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
