@@ -259,6 +259,7 @@ app.command()(memory_cli.ingest)
 app.command()(memory_cli.search)
 app.command()(memory_cli.ask)
 app.add_typer(memory_cli.sop_app, name="sop")
+app.add_typer(memory_cli.memory_app, name="memory")
 
 from brainforge.traces_cli import traces_app  # noqa: E402  (typer functions; heavy imports happen inside them)
 

@@ -568,6 +568,27 @@ class RouterConfig(StrictModel):
     similar example clears it; an unrelated question scores below 0.2)."""
 
 
+class TuneSettings(StrictModel):
+    """`brainforge memory tune`: fine-tune the embedder on pairs mined from the store's own chunks."""
+
+    epochs: int = Field(1, gt=0, le=100)
+    """Passes over the training pairs."""
+    batch_size: int = Field(32, ge=2)
+    """Pairs per step; the other positives in a batch are each anchor's negatives (bigger is a harder task)."""
+    learning_rate: float = Field(2e-5, gt=0, le=1e-2)
+    """AdamW learning rate (2e-5 is the sentence-transformers default for fine-tuning)."""
+    held_out: float = Field(0.2, gt=0, lt=1)
+    """Fraction of target chunks whose pairs are never trained on, only used for the before/after figures."""
+    max_pairs: int = Field(5000, gt=0)
+    """Most pairs used (a deterministic sample by seed when more are mined); training time grows with it."""
+    seed: int = Field(0, ge=0)
+    """Decides the held-out split, the sample and the training order."""
+    kinds: list[Literal["docstring", "heading", "identifier"]] = Field(
+        default_factory=lambda: ["docstring", "heading", "identifier"], min_length=1)
+    """Pair kinds to mine: `docstring` (its first sentence -> the code without it), `heading` (-> the
+    section under it), `identifier` (a definition's name split into words -> the definition)."""
+
+
 class MemoryConfig(StrictModel):
     store: str = ".brainforge/memory"
     """Folder of the store (ChromaDB files, BM25 index, manifest); relative to the config file."""
@@ -580,6 +601,7 @@ class MemoryConfig(StrictModel):
     chunking: ChunkingSettings = Field(default_factory=ChunkingSettings)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
     sops: list[str] = Field(default_factory=list)
     """SOP files or folders (JSON/YAML) besides the bundled examples."""
     builtin_sops: bool = True

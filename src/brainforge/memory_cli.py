@@ -7,6 +7,8 @@ the file may be a full training config), else the defaults with the store in
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -60,6 +62,9 @@ def ingest(
         report = memory_store.ingest([str(p) for p in paths], rebuild=rebuild, on_progress=on_progress,
                                      follow_symlinks=follow_symlinks)
     typer.echo(f"store: {memory.store}")
+    if rebuild:
+        typer.echo(f"embedder: {memory_store.embedder.model_id} (--rebuild embeds with the configured embedder; "
+                   "an embedder `brainforge memory tune` saved in the store is dropped)")
     typer.echo(f"files: {report.files_found} found, {report.files_ingested} ingested, {report.files_unchanged} unchanged, "
                f"{report.files_removed} removed, {len(report.skipped)} skipped")
     typer.echo(f"chunks: {report.chunks_added} added, {report.chunks_removed} removed, {report.chunks_total} in store "
@@ -228,3 +233,49 @@ def sop_add(
         raise StoreError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
     path = write_sop(sop, folder)
     typer.echo(f"wrote {path}; list it under memory.sops in your config to use it")
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+memory_app = typer.Typer(no_args_is_help=True, help="Work on the memory store itself (tune its embedder).")
+
+
+@memory_app.command("tune")
+def memory_tune(
+    config: Optional[Path] = MemoryConfigOpt,
+    store: Optional[Path] = StoreOpt,
+    overrides: Optional[List[str]] = MemorySetOpt,
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training pairs (memory.tune.epochs)."),
+    max_pairs: Optional[int] = typer.Option(None, "--max-pairs", help="Most pairs used (memory.tune.max_pairs)."),
+    held_out: Optional[float] = typer.Option(None, "--held-out", help="Fraction of chunks held out for the before/after "
+                                             "figures (memory.tune.held_out)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Split, sample and training seed (memory.tune.seed)."),
+) -> None:
+    """Fine-tune the embedder on pairs mined from the store (docstring -> code, heading -> section,
+    name -> definition), save it in the store, re-embed the store, and compare held-out retrieval
+    before and after. The store then uses the tuned embedder while memory.embedder.name_or_path is
+    `default`; `brainforge ingest --rebuild` goes back to the configured embedder."""
+    from brainforge.memory.tuning import KINDS, load_and_tune
+
+    flags = {"epochs": epochs, "max_pairs": max_pairs, "held_out": held_out, "seed": seed}
+    extra = [f"tune.{key}={value}" for key, value in flags.items() if value is not None]
+    memory = _memory_config(config, store, list(overrides or []) + extra)
+    # Progress and the trainer's loss log go to stderr; stdout is the result alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        report = load_and_tune(memory, progress=lambda message: typer.echo(message, err=True))
+    typer.echo(f"store: {memory.store} ({report.chunks} chunks)")
+    typer.echo("pairs mined: " + ", ".join(f"{kind} {report.pairs_by_kind[kind]}" for kind in KINDS if kind in memory.tune.kinds)
+               + f" (used {report.pairs_used})")
+    typer.echo(f"split by chunk: {report.train_pairs} training, {report.held_out_pairs} held out"
+               + (f" ({report.dropped_anchor_overlap} training pairs dropped: their anchor or text is also held out)"
+                  if report.dropped_anchor_overlap else ""))
+    assert report.before is not None and report.after is not None
+    typer.echo(f"\nheld-out retrieval (vector search over all {report.chunks} chunks, {report.held_out_pairs} pairs):")
+    typer.echo(f"  {'':8}{'R@1':>8}{'R@10':>8}{'MRR@10':>8}")
+    for label, figures in (("before", report.before), ("after", report.after)):
+        typer.echo(f"  {label:8}{figures.recall_at_1:8.3f}{figures.recall_at_10:8.3f}{figures.mrr_at_10:8.3f}")
+    typer.echo(f"\ntuned embedder: {report.embedder_folder} (from {report.base_embedder}); the store was re-embedded with it "
+               "and search/ask/ingest use it while memory.embedder.name_or_path is `default`; "
+               "`brainforge ingest --rebuild` goes back to the configured embedder")
+    typer.echo(f"seconds: {report.seconds:.1f} (training {report.train_seconds:.1f}, re-embedding {report.reembed_seconds:.1f})")

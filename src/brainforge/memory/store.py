@@ -7,6 +7,8 @@ Layout of `memory.store`::
     chroma/            the embedded ChromaDB (unless `server_url` points at a Chroma server);
                        a rebuilt store's is `chroma-g000042/`
     gen-000042/        BM25 index + chunk table (texts and metadata) of generation 42
+    embedder-g000042/  the embedder `brainforge memory tune` trained, when the manifest names it
+                       (committed with the vectors it made; `--rebuild` goes back to the config's)
     .lock              writers hold it exclusively, readers shared
 
 The manifest is the commit point. An ingest first adds new chunks to Chroma, then writes the
@@ -59,10 +61,13 @@ _EMBED_BATCH_CHUNKS = 256  # chunks gathered across files before one embed + ups
 _CHROMA_BATCH = 2000
 _DEFAULT_CHROMA = "chroma"
 # Every name a store folder may hold; `--rebuild` refuses a folder with anything else in it.
-_STORE_ENTRY = re.compile(r"(manifest\.json(\.tmp)?|\.lock|\.write\.lock|chroma(-g\d{6})?|gen-\d{6}(\.tmp)?)")
+_STORE_ENTRY = re.compile(r"(manifest\.json(\.tmp)?|\.lock|\.write\.lock|chroma(-g\d{6})?|gen-\d{6}(\.tmp)?"
+                          r"|embedder-g\d{6}(\.tmp)?)")
 _REBUILT_CHROMA = re.compile(r"chroma-g(\d{6})")
 _CHROMA_DIR = re.compile(r"chroma(-g\d{6})?")
 _GENERATION_DIR = re.compile(r"gen-(\d{6})(\.tmp)?")
+_TUNED_DIR = re.compile(r"embedder-g(\d{6})(\.tmp)?")  # an embedder `brainforge memory tune` saved in the store
+TUNED_PREFIX = "tuned:"  # manifest embedder ids of tuned embedders: "tuned:embedder-g000042"
 _FILE_KEYS = {"display": str, "size": int, "mtime_ns": int, "sha1": str, "language": str, "chunk_ids": list}
 _FIX = "rebuild it with `brainforge ingest --rebuild PATH...`"
 
@@ -124,6 +129,8 @@ class MemoryStore:
         self.config = config
         self.root = Path(config.store)
         self._embedder = embedder
+        self._embedder_given = embedder is not None  # a caller's embedder is used as given, never swapped
+        self._embedder_tuned: str | None = None  # the store's tuned embedder folder that `_embedder` was loaded from
         self._collection: Any = None
         self._generation: int | None = None
         self._chunks: dict[str, StoredChunk] = {}
@@ -138,9 +145,36 @@ class MemoryStore:
 
     @property
     def embedder(self) -> Embedder:
+        """The configured embedder, or the store's tuned one when the config asks for `default`
+        and the committed manifest names one (so search, ask and ingest work after a tune)."""
         if self._embedder is None:
-            self._embedder = Embedder(self.config.embedder)
+            tuned = None
+            if self.config.embedder.name_or_path == "default" and self._manifest_path().is_file():
+                with self._lock(exclusive=False):  # a commit cannot sweep the folder while it loads
+                    try:
+                        manifest = self._read_manifest()
+                    except StoreError:
+                        manifest = None  # the callers that need the manifest report what is wrong with it
+                    tuned = _tuned_folder(manifest)
+                    if tuned is not None:
+                        self._use_embedder(tuned)
+            if tuned is None:
+                self._use_embedder(None)
+        assert self._embedder is not None
         return self._embedder
+
+    def _use_embedder(self, tuned: str | None) -> None:
+        """Load the configured embedder (`tuned` None) or the store's tuned embedder folder."""
+        if tuned is None:
+            self._embedder, self._embedder_tuned = Embedder(self.config.embedder), None
+            return
+        folder = self.root / tuned
+        if not folder.is_dir():
+            raise StoreError(f"{folder}: the tuned embedder this store was embedded with is missing (deleted?); "
+                             f"{_FIX} (goes back to the configured embedder)")
+        embedder = Embedder(self.config.embedder.model_copy(update={"name_or_path": str(folder)}))
+        embedder.model_id = TUNED_PREFIX + tuned  # the folder moves with the store; its absolute path does not
+        self._embedder, self._embedder_tuned = embedder, tuned
 
     def _use_location(self, folder: str, collection: str) -> None:
         """Point the Chroma handle at the vectors a manifest names (a rebuild moves them)."""
@@ -238,6 +272,14 @@ class MemoryStore:
 
     def _check_embedder(self, manifest: dict[str, Any]) -> None:
         built = manifest["embedder"]
+        tuned = _tuned_folder(manifest)
+        if not self._embedder_given and self.config.embedder.name_or_path == "default" and self._embedder_tuned != tuned:
+            self._use_embedder(tuned)  # a tune or a rebuild committed since this embedder was loaded
+        if tuned is not None and built["id"] != self.embedder.model_id:
+            raise StoreError(
+                f"{self.root} was re-embedded by `brainforge memory tune` with its tuned embedder {self.root / tuned}, but "
+                f"the config asks for {self.embedder.model_id}: set memory.embedder.name_or_path to `default` (which uses "
+                "the store's tuned embedder), or go back to the configured embedder with `brainforge ingest --rebuild`")
         if built["id"] != self.embedder.model_id or built["dimension"] != self.embedder.dimension:
             raise StoreError(
                 f"{self.root} was built with embedder {built['id']} (dimension {built['dimension']}), but the config "
@@ -306,6 +348,8 @@ class MemoryStore:
             raise StoreError(f"nothing to ingest under {', '.join(map(str, roots))}: {detail}")
         with self._lock(exclusive=True, timeout=lock_timeout, name=".write.lock"):
             if rebuild:
+                if not self._embedder_given and (self._embedder is None or self._embedder_tuned is not None):
+                    self._use_embedder(None)  # a rebuild goes back to the configured embedder (a tuned one is swept)
                 manifest, replaced = self._rebuild_manifest()
             else:
                 manifest = self._read_manifest() or self._new_manifest()
@@ -313,6 +357,7 @@ class MemoryStore:
                 replaced = None
                 self._use_location(*self._location_of(manifest))
                 self._sweep_stale_locations(keep=self._location_of(manifest))
+                self._sweep_stale_embedders(keep=_tuned_folder(manifest))
             old_files: dict[str, _FileEntry] = {k: _FileEntry(**v) for k, v in manifest["files"].items()}
             old_table = {} if rebuild else self._load_table(manifest)
             self._passages = {} if rebuild else self._load_passages(manifest, old_table)  # carried over for unchanged chunks
@@ -332,6 +377,7 @@ class MemoryStore:
             with self._lock(exclusive=True):
                 self._write_manifest(manifest)  # commit point
                 self._drop_old_generations(generation)
+                self._sweep_stale_embedders(keep=_tuned_folder(manifest))
                 if replaced is not None:  # the rebuilt store is committed: the old vectors can go
                     self._sweep_stale_locations(keep=self._location_of(manifest), also=replaced)
             # Readers only return chunks of the generation they loaded, so these can go now.
@@ -381,7 +427,8 @@ class MemoryStore:
             old = None
         highest = old["generation"] if old else 0
         for child in self.root.iterdir() if self.root.exists() else ():
-            match = _GENERATION_DIR.fullmatch(child.name) or _REBUILT_CHROMA.fullmatch(child.name)
+            match = (_GENERATION_DIR.fullmatch(child.name) or _REBUILT_CHROMA.fullmatch(child.name)
+                     or _TUNED_DIR.fullmatch(child.name))
             if match:
                 highest = max(highest, int(match.group(1)))
         manifest = self._new_manifest()
@@ -410,6 +457,90 @@ class MemoryStore:
             if child.name != folder and _CHROMA_DIR.fullmatch(child.name) and child.is_dir():
                 logger.info("deleting the unused vector index %s", child)
                 shutil.rmtree(child, ignore_errors=True)
+
+    def _sweep_stale_embedders(self, keep: str | None) -> None:
+        """Delete tuned embedder folders the committed manifest does not name: an interrupted
+        tune's, the one a later tune replaced, the one a rebuild went back from."""
+        for child in self.root.iterdir() if self.root.is_dir() else ():
+            if child.name != keep and _TUNED_DIR.fullmatch(child.name) and child.is_dir():
+                logger.info("deleting the unused tuned embedder %s", child)
+                shutil.rmtree(child, ignore_errors=True)
+
+    # ------------------------------------------------------------------ tuned embedder
+
+    def committed_chunks(self) -> list[StoredChunk]:
+        """Every chunk of the committed generation, by id (a stable order)."""
+        self.refresh()
+        return [self._chunks[cid] for cid in sorted(self._chunks)]
+
+    def chunk_vectors(self, ids: Sequence[str]) -> np.ndarray:
+        """The committed vectors of `ids` (float32 rows in that order), for exact evaluation."""
+        self.refresh()
+        collection = self._chroma(create=False)
+        found: dict[str, np.ndarray] = {}
+        for start in range(0, len(ids), _CHROMA_BATCH):
+            result = collection.get(ids=list(ids[start:start + _CHROMA_BATCH]), include=["embeddings"])
+            found.update(zip(result["ids"], np.asarray(result["embeddings"], dtype=np.float32)))
+        missing = [cid for cid in ids if cid not in found]
+        if missing:
+            raise StoreError(f"{self._vector_location()}: {len(missing)} committed chunks have no vector; {_FIX}")
+        return np.stack([found[cid] for cid in ids]) if ids else np.zeros((0, self.embedder.dimension), np.float32)
+
+    def adopt_tuned_embedder(self, save_model: Callable[[Path], None], on_progress: ProgressCallback | None = None,
+                             lock_timeout: float = 600.0) -> str:
+        """Save a tuned embedder inside the store and re-embed every committed chunk (and its
+        passages) with it, into a new vector location and generation; one manifest write commits
+        the embedder and the vectors together. `save_model(folder)` writes the model there.
+
+        Until that write the old manifest, vectors and embedder stay in use, so a crash (kill -9
+        included) leaves the old store intact; the next ingest or tune sweeps what it left.
+        Returns the tuned embedder's folder name (inside the store)."""
+        with self._lock(exclusive=True, timeout=lock_timeout, name=".write.lock"):
+            old = self._read_manifest()
+            if old is None or not old["chunks"]:
+                raise StoreError(f"{self.root}: the store is empty; ingest files first with `brainforge ingest PATH...`")
+            self._check_embedder(old)
+            table = self._load_table(old)
+            previous = (self._embedder, self._embedder_tuned, self._location_of(old), self._embedder_given)
+            try:
+                manifest, replaced = self._rebuild_manifest()  # numbering and the new vector location
+                generation = manifest["generation"] + 1
+                tuned = f"embedder-g{generation:06d}"
+                temporary = self.root / f"{tuned}.tmp"
+                shutil.rmtree(temporary, ignore_errors=True)
+                shutil.rmtree(self.root / tuned, ignore_errors=True)  # an interrupted tune's
+                save_model(temporary)
+                os.replace(temporary, self.root / tuned)
+                self._use_embedder(tuned)
+                self._embedder_given = False  # the store's own embedder now: a rebuild goes back to the config's
+                self._passages = {}
+                ids = sorted(table)
+                for start in range(0, len(ids), _EMBED_BATCH_CHUNKS):
+                    if on_progress:
+                        on_progress(start, len(ids), table[ids[start]].path)
+                    self._add_to_chroma([_as_chunk(table[cid]) for cid in ids[start:start + _EMBED_BATCH_CHUNKS]])
+                if on_progress:
+                    on_progress(len(ids), len(ids), "")
+                self._write_generation(generation, table, self._passages)
+                manifest.update(files=old["files"], chunking=old.get("chunking"), generation=generation, chunks=len(table),
+                                embedder={"id": TUNED_PREFIX + tuned, "dimension": self.embedder.dimension,
+                                          "tuned": tuned, "base": old["embedder"]["id"]})
+                if manifest["chunking"] is None:
+                    del manifest["chunking"]
+                with self._lock(exclusive=True):
+                    self._write_manifest(manifest)  # commit point
+                    self._drop_old_generations(generation)
+                    self._sweep_stale_embedders(keep=tuned)
+                    self._sweep_stale_locations(keep=self._location_of(manifest), also=replaced)
+            except BaseException:
+                self._embedder, self._embedder_tuned, self._embedder_given = previous[0], previous[1], previous[3]
+                self._use_location(*previous[2])
+                raise
+            finally:
+                self._passages = {}
+        self._generation = None  # readers reload
+        self._loaded_stamp = None
+        return tuned
 
     def _apply(self, files: list[tuple[Path, str]], roots: list[Path], old_files: dict[str, _FileEntry],
                old_table: dict[str, StoredChunk], report: IngestReport,
@@ -675,6 +806,9 @@ def manifest_problem(manifest: Any) -> str | None:
     embedder = manifest["embedder"]
     if not isinstance(embedder.get("id"), str) or not isinstance(embedder.get("dimension"), int):
         return "'embedder' should hold 'id' (text) and 'dimension' (integer)"
+    if "tuned" in embedder and not (isinstance(embedder["tuned"], str) and _TUNED_DIR.fullmatch(embedder["tuned"])
+                                    and not embedder["tuned"].endswith(".tmp")):
+        return f"'embedder.tuned' names {embedder['tuned']!r}, not a tuned embedder folder of the store"
     for key in ("chroma", "collection"):
         if key in manifest and not (isinstance(manifest[key], str) and manifest[key]):
             return f"{key!r} should be a non-empty string"
