@@ -1,4 +1,4 @@
-"""Smart chunking: code by syntax tree, Markdown by headings, prose by paragraphs.
+"""Smart chunking: code by syntax tree, Markdown and reStructuredText by headings, prose by paragraphs.
 
 Retrieval quality is decided here more than anywhere else. A chunk that is one whole
 function, labelled with its name and place, is what a question about that function should
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,8 @@ CODE_LANGUAGES: dict[str, str] = {
     ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp", ".hpp": "cpp", ".hh": "cpp", ".hxx": "cpp",
 }
 MARKDOWN_EXTENSIONS = {".md", ".markdown", ".mdx"}
-PROSE_EXTENSIONS = {".txt", ".rst", ".text", ""}
+RST_EXTENSIONS = {".rst", ".rest"}
+PROSE_EXTENSIONS = {".txt", ".text", ""}  # plain text is not reST unless it says so by its extension
 
 # Per language: node type -> chunk kind. "class" kinds are containers whose members become
 # methods when the container is too large to keep whole.
@@ -124,12 +126,14 @@ class _Piece:
 
 
 def detect_language(path: str) -> str:
-    """`python`, ..., `markdown`, `text`, or `lines` for anything else."""
+    """`python`, ..., `markdown`, `restructuredtext`, `text`, or `lines` for anything else."""
     suffix = ("." + path.rsplit(".", 1)[-1].lower()) if "." in path.rsplit("/", 1)[-1] else ""
     if suffix in CODE_LANGUAGES:
         return CODE_LANGUAGES[suffix]
     if suffix in MARKDOWN_EXTENSIONS:
         return "markdown"
+    if suffix in RST_EXTENSIONS:
+        return "restructuredtext"
     if suffix in PROSE_EXTENSIONS:
         return "text"
     return "lines"
@@ -166,7 +170,9 @@ class Chunker:
         if language in _DEFINITIONS:
             pieces = self._code_pieces(lines, text, language)
         elif language == "markdown":
-            pieces = self._markdown_pieces(lines)
+            pieces = self._section_pieces(lines, _markdown_headings(lines))
+        elif language == "restructuredtext":
+            pieces = self._section_pieces(lines, _rst_headings(lines))
         elif language == "text":
             pieces = self._paragraph_pieces(lines, 0, len(lines) - 1, "text")
         else:
@@ -314,19 +320,17 @@ class Chunker:
 
     # ------------------------------------------------------------------ prose
 
-    def _markdown_pieces(self, lines: list[str]) -> list[_Piece]:
-        headings: list[tuple[int, int, str]] = []  # (line, level, title)
-        in_fence = False
-        for index, line in enumerate(lines):
-            if line.lstrip().startswith(("```", "~~~")):
-                in_fence = not in_fence
-            elif not in_fence and (match := re.match(r"^(#{1,6})\s+(.*?)\s*#*\s*$", line)):
-                headings.append((index, len(match.group(1)), match.group(2)))
-        sections: list[_Piece] = []
-        starts = [h[0] for h in headings]
-        if not starts or starts[0] > 0:
-            starts.insert(0, 0)
+    def _section_pieces(self, lines: list[str], headings: list[tuple[int, int, str]]) -> list[_Piece]:
+        """One piece per section, named by its heading trail ("Guide > Install > Linux").
+
+        `headings` are (first line, level, title) in file order, from any markup: a section runs
+        from its heading's first line to the line before the next heading. A section over the
+        size limit is split by paragraphs, every part keeping the section's name.
+        """
+        headings = list(headings)
+        if not headings or headings[0][0] > 0:  # the text before the first heading is a section of its own
             headings.insert(0, (0, 0, ""))
+        sections: list[_Piece] = []
         trail: list[tuple[int, str]] = []
         for i, (line, level, title) in enumerate(headings):
             end = (headings[i + 1][0] - 1) if i + 1 < len(headings) else len(lines) - 1
@@ -508,3 +512,115 @@ def _trim(lines: Sequence[str], start: int, end: int) -> tuple[int, int]:
 
 def _has_content(lines: Sequence[str], piece: _Piece) -> bool:
     return _has_text(lines, piece.start, piece.end)
+
+
+# ---------------------------------------------------------------------- headings of prose markup
+
+def _markdown_headings(lines: Sequence[str]) -> list[tuple[int, int, str]]:
+    """(line, level, title) of each ATX heading (`## Title`), skipping fenced code blocks."""
+    headings: list[tuple[int, int, str]] = []
+    in_fence = False
+    for index, line in enumerate(lines):
+        if line.lstrip().startswith(("```", "~~~")):
+            in_fence = not in_fence
+        elif not in_fence and (match := re.match(r"^(#{1,6})\s+(.*?)\s*#*\s*$", line)):
+            headings.append((index, len(match.group(1)), match.group(2)))
+    return headings
+
+
+_RST_ADORNMENT = frozenset("=-`:'\"~^_*+#<>")
+"""Characters that may underline (and overline) a reST section title."""
+_RST_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+"""Characters that may quote an unindented literal block (docutils: any non-alphanumeric 7-bit ASCII)."""
+
+
+def _rst_headings(lines: Sequence[str]) -> list[tuple[int, int, str]]:
+    """(first line, level, title) of each reST section title, found the way docutils finds them.
+
+    A title is the first line of a text block, unindented, underlined (and optionally overlined)
+    by one punctuation character repeated at least as long as the title. Levels follow the
+    order in which each adornment style (character, with or without overline) first appears,
+    because reST has no fixed level per character: each document picks its own. Indented bodies
+    of directives, comments and literal blocks (`::`), and quoted literal blocks, are skipped:
+    their lines are content, not structure.
+    """
+    headings: list[tuple[int, int, str]] = []
+    levels: dict[tuple[str, bool], int] = {}
+    body: tuple[int, bool] | None = None  # (indent of the line that opened an indented body, opened by "::")
+    in_body = False  # a line of that body has been read
+    quote: str | None = None  # the character that starts every line of the quoted literal block being read
+    fresh = True  # this line starts a text block: only such a line can be a title (or its overline)
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        stripped = line.strip()
+        if not stripped:
+            quote, fresh = None, True
+            index += 1
+            continue
+        indent = len(line) - len(line.lstrip())
+        if quote is not None and stripped[0] == quote:
+            index += 1
+            continue
+        quote = None
+        if body is not None:
+            if indent > body[0]:
+                in_body = True
+                index += 1
+                continue
+            if body[1] and fresh and not in_body and indent == body[0] and stripped[0] in _RST_PUNCTUATION:
+                body = None  # "::" then an unindented block whose lines all start alike: a quoted literal
+                quote = stripped[0]
+                index += 1
+                continue
+            # Markup, or a literal block, ended by an unindented line: docutils starts a new block there
+            # even without a blank line (only a "::" paragraph that simply goes on does not).
+            fresh = fresh or not body[1] or in_body
+            body, in_body = None, False
+        title = _rst_title(lines, index) if fresh else None
+        if title is not None:
+            start, end, style, text = title
+            headings.append((start, levels.setdefault(style, len(levels) + 1), text))
+            index, fresh = end + 1, True  # a title ends its block: the next line may start another
+            continue
+        if stripped == ".." or stripped.startswith(".. "):  # directive, comment, target, footnote
+            body, in_body = (indent, False), False
+        elif stripped.endswith("::"):  # the paragraph introduces a literal block
+            body, in_body = (indent, True), False
+        fresh = False
+        index += 1
+    return headings
+
+
+def _rst_title(lines: Sequence[str], index: int) -> tuple[int, int, tuple[str, bool], str] | None:
+    """(first line, last line, style, title) if a section title starts at `index`, else None."""
+    char = _rst_adornment(lines[index])
+    if char is not None:  # an overline needs a title and the same line again below it; else a transition
+        if index + 2 >= len(lines):
+            return None
+        title, under = lines[index + 1], lines[index + 2].rstrip()
+        if (title.strip() and _rst_adornment(title) is None and under == lines[index].rstrip()
+                and _column_width(title.rstrip()) <= len(under)):
+            return index, index + 2, (char, True), title.strip()  # an overlined title may be inset
+        return None
+    line = lines[index]
+    if line[:1].isspace() or index + 1 >= len(lines):
+        return None
+    char = _rst_adornment(lines[index + 1])
+    if char is None or _column_width(line.rstrip()) > len(lines[index + 1].rstrip()):
+        return None
+    return index, index + 1, (char, False), line.strip()
+
+
+def _rst_adornment(line: str) -> str | None:
+    """The character of an adornment line (one reST punctuation character repeated from column 0)."""
+    text = line.rstrip()
+    if text and text[0] in _RST_ADORNMENT and text == text[0] * len(text):
+        return text[0]
+    return None
+
+
+def _column_width(text: str) -> int:
+    """Display columns, as docutils counts them to compare a title with its underline."""
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
