@@ -11,7 +11,7 @@ ships with every Python; `heading` queries). Answers are known by construction a
 chunk ids once each corpus is ingested into its own store under --work.
 
 For every query one JSON line goes to `<work>/<corpus>.stages.jsonl`: the vector, BM25,
-passage-BM25 and name-BM25 lists (depth from the store's RetrievalConfig), each listed chunk's
+whole-chunk BM25 and name-BM25 lists (experiments; the product BM25 is over passages) (depth from the store's RetrievalConfig), each listed chunk's
 best-passage cosine and token count, and the hybrid (reranker none) and default pipeline's
 top 10. So fusion and rerank ideas can be scored offline, without the embedder:
 
@@ -50,7 +50,7 @@ from brainforge.errors import BrainforgeError
 from brainforge.memory.bm25 import BM25Index
 from brainforge.memory.embedder import Embedder
 from brainforge.memory.retrieval import HybridRetriever
-from brainforge.memory.store import MemoryStore, StoredChunk, split_passages
+from brainforge.memory.store import MemoryStore, StoredChunk
 
 if __package__:  # imported as bench.retrieval
     from .retrieval_corpora import (CORPORA, DEFAULT_DOC_PACKAGES, QUERY_KINDS, Corpus, Query, build_code_corpus,
@@ -63,7 +63,7 @@ logger = logging.getLogger("bench.retrieval")
 
 DEFAULT_PACKAGES = ["lightning", "datasets", "rich"]
 DEPTH = 10  # R@10 / MRR@10, and how much of the hybrid and default lists a record keeps
-STAGES = ("vector", "bm25", "bm25_passages", "bm25_name", "hybrid", "default")
+STAGES = ("vector", "bm25", "bm25_chunks", "bm25_name", "hybrid", "default")
 SINGLE_STAGES = ("vector", "bm25")  # the pipeline's own stages: the default must not fall below the best of them
 TABLE_STAGES = ("vector", "bm25", "hybrid", "default")
 
@@ -142,35 +142,21 @@ def reciprocal_ranks(records: Sequence[dict], rank_fn: Callable[[dict], Sequence
 
 @dataclass
 class ExperimentIndexes:
-    """Two BM25 indexes the product does not have, built here to measure whether it should:
-    over each chunk's passages (a chunk scores as its best passage) and over its definition
-    name + header line only."""
+    """Two BM25 indexes the product does not use, built here to compare against it: over whole
+    chunks (what the store indexed before it indexed passages) and over each chunk's definition
+    name + header line only (a name field)."""
 
-    passages: BM25Index
+    chunks: BM25Index
     names: BM25Index
 
     @classmethod
     def build(cls, chunks: Sequence[StoredChunk]) -> "ExperimentIndexes":
-        passage_ids: list[str] = []
-        passage_texts: list[str] = []
-        for chunk in chunks:
-            for number, passage in enumerate(split_passages(chunk.text)):
-                passage_ids.append(f"{chunk.id}#{number}")
-                passage_texts.append(passage)
-        names = BM25Index.build([c.id for c in chunks], [f"{c.name}\n{c.text.partition(chr(10))[0]}" for c in chunks])
-        return cls(BM25Index.build(passage_ids, passage_texts), names)
+        ids = [c.id for c in chunks]
+        names = BM25Index.build(ids, [f"{c.name}\n{c.text.partition(chr(10))[0]}" for c in chunks])
+        return cls(BM25Index.build(ids, [c.text for c in chunks]), names)
 
-    def passage_search(self, query: str, k: int) -> list[tuple[str, float]]:
-        """Chunks by their best passage's BM25 score, best first, up to `k` chunks."""
-        depth = 4 * k
-        while True:
-            hits = self.passages.search(query, depth)
-            best: dict[str, float] = {}
-            for passage_id, score in hits:  # best first, so a chunk's first passage is its best
-                best.setdefault(passage_id.rsplit("#", 1)[0], score)
-            if len(best) >= k or len(hits) < depth or depth >= len(self.passages.ids):
-                return list(best.items())[:k]
-            depth *= 2
+    def chunk_search(self, query: str, k: int) -> list[tuple[str, float]]:
+        return self.chunks.search(query, k)
 
     def name_search(self, query: str, k: int) -> list[tuple[str, float]]:
         return self.names.search(query, k)
@@ -211,7 +197,7 @@ def run_queries(corpus: str, store: MemoryStore, sample: Sequence[tuple[Query, l
         lists = {
             "vector": store.vector_search(query_vector, config.vector_k),
             "bm25": store.bm25_search(text, config.bm25_k),
-            "bm25_passages": experiments.passage_search(text, config.bm25_k),
+            "bm25_chunks": experiments.chunk_search(text, config.bm25_k),
             "bm25_name": experiments.name_search(text, config.bm25_k),
         }
         union = list(dict.fromkeys(cid for ranked in lists.values() for cid, _ in ranked))

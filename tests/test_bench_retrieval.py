@@ -145,17 +145,14 @@ def test_verdict_names_the_best_stage_and_the_gap():
     assert v["best_stage"] == "bm25" and v["delta_mrr@10"] == -0.25 and v["default_ge_best"] is False
 
 
-def test_passage_bm25_scores_a_chunk_by_its_best_passage():
+def test_experiment_indexes_whole_chunk_bm25_and_the_name_field():
     long_text = "# Function: f (m.py:1-20)\n" + "\n".join(["filler words here zebra"] * 8 + ["zebra zebra unicorn"] + ["more"] * 3)
     chunks = [_chunk("long", "m.py", 1, 20, long_text, name="f"),
               _chunk("short", "n.py", 1, 2, "# Function: g (n.py:1-2)\nzebra", name="g"),
               _chunk("other", "o.py", 1, 2, "# Function: load_base_model (o.py:1-2)\npass", name="load_base_model")]
     indexes = ExperimentIndexes.build(chunks)
-    found = indexes.passage_search("zebra unicorn", 50)
-    assert [cid for cid, _ in found] == ["long", "short"]  # each chunk once, by its best passage
-    by_passage = dict(indexes.passages.search("zebra unicorn", 50))
-    assert set(by_passage) == {"long#0", "long#1", "short#0"}
-    assert dict(found)["long"] == max(by_passage["long#0"], by_passage["long#1"]) > min(by_passage["long#0"], by_passage["long#1"])
+    assert sorted(cid for cid, _ in indexes.chunk_search("zebra unicorn", 50)) == ["long", "short"]
+    assert indexes.chunks.ids == ["long", "short", "other"]  # whole chunks, not passages
     assert [cid for cid, _ in indexes.name_search("load base model", 50)] == ["other"]
     assert indexes.name_search("zebra", 50) == []  # the name field does not hold the body
 

@@ -130,7 +130,7 @@ def test_ingest_search_and_persistence_across_processes(tmp_path, embedder):
     assert out.returncode == 0, out.stderr
     path, count, stages = out.stdout.split()
     assert path == "src/checkpoint.py" and int(count) == report.chunks_total
-    assert stages == "vector|bm25|rrf|rerank:passages"
+    assert stages == "vector|bm25|relative|rerank:passages"
 
 
 def test_incremental_reingest_and_consistency_after_deletes(tmp_path, embedder):
@@ -276,9 +276,9 @@ def test_stages_are_reported_and_passage_rerank_runs(tmp_path, embedder):
     store = make_store(tmp_path, embedder)
     store.ingest([write_corpus(tmp_path / "corpus")])
     result = HybridRetriever(store, RetrievalConfig(top_k=2)).search("rename temporary folder after a crash")
-    assert result.stages == ["vector", "bm25", "rrf", "rerank:passages"]
+    assert result.stages == ["vector", "bm25", "relative", "rerank:passages"]
     assert result.hits[0].chunk.path == "corpus/src/checkpoint.py"
-    assert all("rerank:passages" in h.scores and "rrf" in h.ranks for h in result.hits)
+    assert all("rerank:passages" in h.scores and "relative" in h.ranks for h in result.hits)
     # the stored passage vectors give the same scores as embedding the passages on the spot
     from brainforge.memory.rerank import PassageReranker
 
@@ -289,7 +289,7 @@ def test_stages_are_reported_and_passage_rerank_runs(tmp_path, embedder):
     kept = HybridRetriever(store, RetrievalConfig(reranker="none")).search("rename temporary folder after a crash")
     assert kept.stages[-1] == "rerank:none" and [h.score for h in kept.hits] == sorted((h.score for h in kept.hits), reverse=True)
     bm25_only = HybridRetriever(store, RetrievalConfig(weights={"vector": 0, "bm25": 1})).search("potassium")
-    assert bm25_only.stages[:2] == ["bm25", "rrf"] and bm25_only.hits[0].chunk.path == "corpus/docs/guide.md"
+    assert bm25_only.stages[:2] == ["bm25", "relative"] and bm25_only.hits[0].chunk.path == "corpus/docs/guide.md"
 
 
 # ---------------------------------------------------------------------- SOPs and router

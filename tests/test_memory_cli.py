@@ -27,7 +27,7 @@ def test_ingest_search_ask_end_to_end_with_default_model(tmp_path):
 
     found = brainforge("search", "how do I merge ranked lists", "-k", "2", cwd=tmp_path)
     assert found.returncode == 0, found.stderr
-    assert "stages: vector -> bm25 -> rrf -> rerank:passages" in found.stdout
+    assert "stages: vector -> bm25 -> relative -> rerank:passages" in found.stdout
     assert "[1] corpus/src/fusion.py:1-" in found.stdout and "vector #" in found.stdout and "bm25 #" in found.stdout
 
     asked = brainforge("ask", "Why does save_checkpoint_atomically crash with a traceback?", "--max-new-tokens", "48",

@@ -115,6 +115,31 @@ def test_mine_heading_pairs_from_markdown():
     assert laptop.positive == "Run make install to create the virtual environment.\nIt takes a minute."
 
 
+def test_mine_heading_pairs_from_restructuredtext():
+    chunks = _chunks("docs/guide.rst", '''
+        =====
+        Guide
+        =====
+
+        Intro text about the guide and what it covers.
+
+        Installing on a laptop
+        ----------------------
+        Run make install to create the virtual environment.
+        It takes a minute.
+
+        Bananas
+        -------
+
+        Bananas are yellow fruit rich in potassium.
+        ''')
+    pairs = {p.anchor: p for p in mine_pairs(chunks)}
+    assert set(pairs) == {"Guide", "Installing on a laptop", "Bananas"}
+    assert pairs["Installing on a laptop"].positive == "Run make install to create the virtual environment.\nIt takes a minute."
+    assert pairs["Bananas"].positive == "Bananas are yellow fruit rich in potassium."
+    assert pairs["Guide"].positive.startswith("Intro text") and "=====" not in pairs["Guide"].positive
+
+
 def test_ambiguous_anchors_are_dropped_and_order_is_deterministic():
     doc = '''"""Return the name this object was created with, unchanged."""'''
     chunks = (_chunks("src/person.py", f"def get_name(person):\n    {doc}\n    return person.name\n")

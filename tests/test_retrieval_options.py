@@ -1,5 +1,5 @@
-"""`memory.retrieval` options through HybridRetriever (issue 8, section 7): `fusion`, `rrf_k`
-and `recall_n` each change the results the way they should.
+"""`memory.retrieval` options through HybridRetriever (issue 8, section 7; issue 10): `fusion`,
+`rrf_k`, `recall_n`, `rerank_weight` and `lexical_boost` each change the results the way they should.
 
 The store is a stand-in with fixed vector and BM25 lists, so the fused order is computable
 by hand (the real store is covered in test_memory.py); everything after the two lists is
@@ -75,7 +75,7 @@ def test_linear_fusion_uses_normalised_scores():
 def test_rrf_k_changes_who_wins(rrf_k, first, score):
     vector = [("A", 0.9), ("P", 0.8), ("Q", 0.7), ("B", 0.6)]
     bm25 = [("C", 9.0), ("R", 8.0), ("S", 7.0), ("B", 6.0)]
-    result = HybridRetriever(ListStore(vector, bm25, rrf_k=rrf_k, top_k=1)).search("q")
+    result = HybridRetriever(ListStore(vector, bm25, fusion="rrf", rrf_k=rrf_k, top_k=1)).search("q")
     assert ids(result) == [first]
     assert result.hits[0].score == pytest.approx(score)
 
@@ -100,9 +100,44 @@ class Prefers:
 ])
 def test_recall_n_bounds_what_the_reranker_sees(recall_n, expected):
     ranked = [("A", 5.0), ("B", 4.0), ("C", 3.0), ("D", 2.0), ("E", 1.0)]
-    store = ListStore(ranked, ranked, recall_n=recall_n, top_k=3)
+    store = ListStore(ranked, ranked, recall_n=recall_n, top_k=3, rerank_weight=100.0)  # the reranker decides
     reranker = Prefers("E")
     result = HybridRetriever(store, reranker=reranker).search("q")
     assert result.candidates == recall_n and len(reranker.seen) == recall_n
     assert ids(result) == expected
     assert result.stages[-1] == "rerank:prefers"
+
+
+def test_relative_fusion_is_the_default_and_keeps_each_rankers_confidence():
+    result = HybridRetriever(ListStore(*DISAGREE, top_k=3)).search("q")
+    # relative to each list's best: B = 0.98/0.99 + 9.9/10 = 1.980; A = 1 + 0.01; C = 0.101 + 1
+    assert ids(result) == ["B", "C", "A"]
+    assert result.hits[0].scores["relative"] == pytest.approx(0.98 / 0.99 + 0.99)
+    assert result.stages == ["vector", "bm25", "relative", "rerank:none"]
+
+
+@pytest.mark.parametrize("weight, expected", [
+    (0.0, ["A", "B", "C"]),    # the reranker's opinion is reported but moves nothing
+    (0.2, ["A", "B", "C"]),    # E (fused 5th: 0.2 of A's 1.0) cannot jump four places on a small weight
+    (1.0, ["A", "E", "B"]),    # A 1 + 0.23, E 0.2 + 1: close, A keeps first place
+    (2.0, ["E", "A", "B"]),    # E 0.2 + 2 beats A 1 + 0.46: the favourite wins
+])
+def test_rerank_weight_sets_how_far_the_reranker_may_move_the_fused_order(weight, expected):
+    ranked = [("A", 5.0), ("B", 4.0), ("C", 3.0), ("D", 2.0), ("E", 1.0)]
+    store = ListStore(ranked, ranked, recall_n=5, top_k=3, rerank_weight=weight)
+    result = HybridRetriever(store, reranker=Prefers("E")).search("q")
+    assert ids(result) == expected
+    assert all("rerank:prefers" in hit.scores for hit in result.hits)
+
+
+def test_a_code_looking_query_doubles_the_bm25_weight():
+    vector = [("A", 0.9), ("B", 0.6)]
+    bm25 = [("B", 10.0), ("A", 7.0)]
+    # plain words: A = 1 + 0.7 = 1.7 beats B = 0.667 + 1 = 1.667; an identifier: B = 0.667 + 2 beats A = 1 + 1.4
+    plain = HybridRetriever(ListStore(vector, bm25, top_k=2)).search("load base model")
+    assert ids(plain) == ["A", "B"] and plain.signals == [] and plain.weights == {"vector": 1.0, "bm25": 1.0}
+    code = HybridRetriever(ListStore(vector, bm25, top_k=2)).search("load_base_model")
+    assert ids(code) == ["B", "A"] and code.weights == {"vector": 1.0, "bm25": 2.0}
+    assert code.signals == ["snake_case 'load_base_model'"]
+    off = HybridRetriever(ListStore(vector, bm25, top_k=2, lexical_boost=1.0)).search("load_base_model")
+    assert ids(off) == ["A", "B"] and off.signals == []

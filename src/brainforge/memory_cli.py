@@ -103,6 +103,8 @@ def search(
     result = retriever.search(query, top_k=top_k)
     timing = ", ".join(f"{stage} {ms:.0f} ms" for stage, ms in result.milliseconds.items())
     typer.echo(f"stages: {' -> '.join(result.stages)}  ({result.candidates} candidates; {timing})")
+    if result.signals:
+        typer.echo(f"looks like code ({'; '.join(result.signals)}): BM25 weight {result.weights['bm25']:g}")
     for number, hit in enumerate(result.hits, start=1):
         stages = "  ".join(f"{stage} #{hit.ranks[stage]} ({hit.scores[stage]:.3f})" if stage in hit.ranks else f"{stage} -"
                            for stage in result.stages if stage != "rerank:none")

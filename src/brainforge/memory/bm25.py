@@ -2,8 +2,13 @@
 
 Identifiers are split the way people ask about them: `load_base_model` and `loadBaseModel`
 both yield `load`, `base`, `model` (plus the whole identifier), so a question in words finds
-the function. The index is rebuilt from all chunk texts when the store changes: bm25s indexes
-10k chunks in about half a second here, which is cheaper than being clever about updates.
+the function. The index is rebuilt from all texts when the store changes: bm25s indexes 10k
+chunks in about half a second here, which is cheaper than being clever about updates.
+
+The store indexes each chunk's 8-line passages (`chunk-id#n`) and a chunk scores as its best
+passage: a question matches a few lines, and a long chunk's other lines only dilute BM25's
+length-normalised score. Measured on bench/retrieval.py: MRR@10 +0.008 to +0.015 over
+whole-chunk BM25 on every query kind (README). Indexes of whole chunks (older stores) work too.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 
 from brainforge.errors import MissingDependencyError
 
+PASSAGE_SEPARATOR = "#"  # index row id = chunk id + "#" + passage number; chunk ids are hex
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9]*|[0-9]+")
 _CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
 STOPWORDS = frozenset(
@@ -73,13 +79,20 @@ class BM25Index:
         terms = tokenize(query)
         if self.retriever is None or not terms:
             return []
-        k = min(k, len(self.ids))
         # bm25s only scores terms it has seen; unknown words must not make it raise
         known = [t for t in terms if t in self.retriever.vocab_dict]  # type: ignore[attr-defined]
         if not known:
             return []
-        rows, scores = self.retriever.retrieve([known], k=k, show_progress=False, n_threads=1)  # type: ignore[attr-defined]
-        return [(self.ids[int(row)], float(score)) for row, score in zip(rows[0], scores[0]) if score > 0]
+        depth = min(k, len(self.ids))
+        while True:  # rows are passages: look deeper until k distinct chunks (or everything) are in
+            rows, scores = self.retriever.retrieve([known], k=depth, show_progress=False, n_threads=1)  # type: ignore[attr-defined]
+            best: dict[str, float] = {}
+            for row, score in zip(rows[0], scores[0]):
+                if score > 0:  # best first, so a chunk's first row is its best passage
+                    best.setdefault(self.ids[int(row)].partition(PASSAGE_SEPARATOR)[0], float(score))
+            if len(best) >= k or depth >= len(self.ids) or scores[0][-1] <= 0:
+                return list(best.items())[:k]
+            depth = min(len(self.ids), depth * 4)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ CODE_LANGUAGES: dict[str, str] = {
     ".c": "c", ".h": "c",
     ".cc": "cpp", ".cpp": "cpp", ".cxx": "cpp", ".hpp": "cpp", ".hh": "cpp", ".hxx": "cpp",
 }
+CHUNKER_VERSION = 2  # bump when the same file would be cut differently (2: reST by section); stores re-chunk once
 MARKDOWN_EXTENSIONS = {".md", ".markdown", ".mdx"}
 RST_EXTENSIONS = {".rst", ".rest"}
 PROSE_EXTENSIONS = {".txt", ".text", ""}  # plain text is not reST unless it says so by its extension
@@ -577,7 +578,7 @@ def _rst_headings(lines: Sequence[str]) -> list[tuple[int, int, str]]:
             # even without a blank line (only a "::" paragraph that simply goes on does not).
             fresh = fresh or not body[1] or in_body
             body, in_body = None, False
-        title = _rst_title(lines, index) if fresh else None
+        title = rst_title(lines, index) if fresh else None
         if title is not None:
             start, end, style, text = title
             headings.append((start, levels.setdefault(style, len(levels) + 1), text))
@@ -592,7 +593,7 @@ def _rst_headings(lines: Sequence[str]) -> list[tuple[int, int, str]]:
     return headings
 
 
-def _rst_title(lines: Sequence[str], index: int) -> tuple[int, int, tuple[str, bool], str] | None:
+def rst_title(lines: Sequence[str], index: int) -> tuple[int, int, tuple[str, bool], str] | None:
     """(first line, last line, style, title) if a section title starts at `index`, else None."""
     char = _rst_adornment(lines[index])
     if char is not None:  # an overline needs a title and the same line again below it; else a transition

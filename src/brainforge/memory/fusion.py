@@ -1,9 +1,15 @@
-"""Fusing ranked lists: Reciprocal Rank Fusion (Cormack, Clarke & Buttcher 2009) and a linear
-score blend for comparison.
+"""Fusing ranked lists: relative score fusion (the default), Reciprocal Rank Fusion (Cormack,
+Clarke & Buttcher 2009) and a min-max linear blend.
 
-RRF uses ranks only, so a cosine similarity and a BM25 score never need calibrating against
-each other. Ranks are 1-based; a document missing from a list gets nothing from it; ties are
-broken by the best single rank, then by id, so the order never depends on dict ordering.
+Why scores and not ranks by default: RRF gives rank 1 of a list the same credit whether it
+won by a mile (a docstring copied almost word for word scores BM25 30 against a runner-up's 12)
+or by a hair (top cosines 0.61, 0.60, 0.60). Measured on bench/retrieval.py, that cost RRF
+0.055 MRR@10 against BM25 alone on docstring queries over code: the strong lexical signal was
+diluted by a weaker dense one. Dividing each list's scores by its own best score keeps each
+ranker's confidence (how far the winner stands out) and needs no calibration between a cosine
+and a BM25 score: each list's best is 1.
+
+Ties are broken by the best single rank, then by id, so the order never depends on dict ordering.
 """
 
 from __future__ import annotations
@@ -11,6 +17,40 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 Ranked = Sequence[tuple[str, float]]  # (doc id, score), best first
+
+
+def relative_scores(ranked: Ranked) -> dict[str, float]:
+    """Each score divided by the list's best (`score / max`): the best is 1, the rest keep their
+    distance from it. A list whose best score is not positive carries no confidence: all 0."""
+    if not ranked:
+        return {}
+    best = max(score for _, score in ranked)
+    return {doc_id: (score / best if best > 0 else 0.0) for doc_id, score in ranked}
+
+
+def relative_score_fusion(lists: Mapping[str, Ranked],
+                          weights: Mapping[str, float] | None = None) -> list[tuple[str, float]]:
+    """`score(d) = sum_r w_r * s_r(d) / max(s_r)`; a document missing from list r gets that list's
+    lowest relative score (it ranked below everything listed, so at most that).
+
+    Why the lowest and not 0: the lists are truncated (50 deep); a chunk just past BM25's cut
+    is not evidence of irrelevance, and giving it 0 would let one list veto the other."""
+    normalised: dict[str, dict[str, float]] = {}
+    floors: dict[str, float] = {}
+    best_rank: dict[str, int] = {}
+    for ranker, ranked in lists.items():
+        weight = 1.0 if weights is None else weights.get(ranker, 1.0)
+        if weight == 0 or not ranked:
+            continue
+        normalised[ranker] = relative_scores(ranked)
+        floors[ranker] = min(normalised[ranker].values())
+        for rank, (doc_id, _score) in enumerate(ranked, start=1):
+            best_rank[doc_id] = min(best_rank.get(doc_id, rank), rank)
+    scores: dict[str, float] = {}
+    for doc_id in best_rank:
+        scores[doc_id] = sum((1.0 if weights is None else weights.get(ranker, 1.0)) * found.get(doc_id, floors[ranker])
+                             for ranker, found in normalised.items())
+    return sorted(scores.items(), key=lambda item: (-item[1], best_rank[item[0]], item[0]))
 
 
 def reciprocal_rank_fusion(lists: Mapping[str, Ranked], k: int = 60,
@@ -45,3 +85,22 @@ def linear_fusion(lists: Mapping[str, Ranked], weights: Mapping[str, float] | No
             scores[doc_id] = scores.get(doc_id, 0.0) + weight * normalised
             best_rank[doc_id] = min(best_rank.get(doc_id, rank), rank)
     return sorted(scores.items(), key=lambda item: (-item[1], best_rank[item[0]], item[0]))
+
+
+def blend_rerank(fused: Sequence[float], rerank: Sequence[float], weight: float) -> list[float]:
+    """Final candidate scores: `fused / max(fused) + weight * (r - min r) / (max r - min r)`.
+
+    Why blend instead of replacing: a reranker that re-reads the candidates sees each alone and
+    forgets how the first stage found them; where a corpus's words are strong evidence (code
+    with its docstrings), replacing the fused order by a passage cosine cost 0.07 MRR@10 on
+    bench/retrieval.py. Min-max on the reranker's scores makes any scale (cosines, cross-encoder
+    logits) span [0, 1] over the candidates; `weight` is how much of one fused point the
+    reranker's whole range is worth (0: order untouched; large: the reranker decides)."""
+    if len(fused) != len(rerank):
+        raise ValueError(f"{len(fused)} fused scores but {len(rerank)} rerank scores")
+    if not fused:
+        return []
+    top = max(fused)
+    low, high = min(rerank), max(rerank)
+    return [(f / top if top > 0 else 0.0) + weight * ((r - low) / (high - low) if high > low else 0.0)
+            for f, r in zip(fused, rerank)]

@@ -50,8 +50,8 @@ import numpy as np
 
 from brainforge.config import MemoryConfig
 from brainforge.errors import MissingDependencyError, StoreError
-from brainforge.memory.bm25 import BM25Index
-from brainforge.memory.chunking import Chunk, Chunker, ChunkingConfig, detect_language
+from brainforge.memory.bm25 import PASSAGE_SEPARATOR, BM25Index
+from brainforge.memory.chunking import CHUNKER_VERSION, Chunk, Chunker, ChunkingConfig, detect_language
 from brainforge.memory.embedder import Embedder
 
 logger = logging.getLogger(__name__)
@@ -362,7 +362,8 @@ class MemoryStore:
             old_table = {} if rebuild else self._load_table(manifest)
             self._passages = {} if rebuild else self._load_passages(manifest, old_table)  # carried over for unchanged chunks
             report.chunks_restored = self._sweep_orphans(old_table)
-            chunking = self.config.chunking.model_dump(include={"strategy", "max_tokens", "min_tokens", "overlap_lines"})
+            chunking = {**self.config.chunking.model_dump(include={"strategy", "max_tokens", "min_tokens", "overlap_lines"}),
+                        "chunker": CHUNKER_VERSION}  # a new chunker re-chunks once; unchanged chunks keep their vectors
             if manifest.get("chunking", chunking) != chunking:
                 logger.info("chunking settings changed since the last ingest: re-chunking every file")
                 for entry in old_files.values():
@@ -680,7 +681,12 @@ class MemoryStore:
         temporary = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(temporary, ignore_errors=True)
         ids = sorted(table)
-        BM25Index.build(ids, [table[cid].text for cid in ids]).save(temporary / "bm25")
+        passage_ids, passage_texts = [], []
+        for cid in ids:  # BM25 over passages: a chunk scores as its best passage (see bm25.py)
+            for number, passage in enumerate(split_passages(table[cid].text)):
+                passage_ids.append(f"{cid}{PASSAGE_SEPARATOR}{number}")
+                passage_texts.append(passage)
+        BM25Index.build(passage_ids, passage_texts).save(temporary / "bm25")
         missing = [cid for cid in ids if cid not in passages]
         if missing:
             raise StoreError(f"{self.root}: {len(missing)} chunks have no passage vectors; rebuild with `brainforge ingest --rebuild`")

@@ -32,6 +32,7 @@ import numpy as np
 
 from brainforge.config import MemoryConfig, TuneSettings
 from brainforge.errors import MissingDependencyError, StoreError
+from brainforge.memory.chunking import rst_title
 from brainforge.memory.embedder import DEFAULT_EMBEDDER_ID, default_embedder_path, torch_threads
 from brainforge.memory.store import TUNED_PREFIX, MemoryStore, StoredChunk
 
@@ -173,15 +174,27 @@ def _docstring_pair(chunk: StoredChunk) -> TrainingPair | None:
 
 def _heading_pair(chunk: StoredChunk) -> TrainingPair | None:
     header, lines = _header_and_body(chunk)
-    if chunk.language != "markdown" or chunk.kind != "section" or not header.startswith("# Section: "):
+    if chunk.language not in {"markdown", "restructuredtext"} or chunk.kind != "section" or not header.startswith("# Section: "):
         return None  # a merged run of small sections has no one heading
-    match = _MARKDOWN_HEADING.match(lines[0]) if lines else None
-    if match is None or not match.group(1).strip():
+    found = _markdown_title(lines) if chunk.language == "markdown" else _rst_title(lines, 0)
+    if found is None:
         return None  # a later part of a long section, or text before the first heading
-    rest = "\n".join(lines[1:]).strip()
-    if not rest:
+    title, body_start = found
+    rest = "\n".join(lines[body_start:]).strip()
+    if not title or not rest:
         return None
-    return TrainingPair(match.group(1).strip(), rest, "heading", chunk.id)
+    return TrainingPair(title, rest, "heading", chunk.id)
+
+
+def _rst_title(lines: list[str], index: int) -> tuple[str, int] | None:
+    """A reST section chunk opens with its title (under- or over-and-underlined), as the chunker found it."""
+    found = rst_title(lines, index) if lines else None
+    return (found[3], found[1] + 1) if found and found[0] == index else None
+
+
+def _markdown_title(lines: list[str]) -> tuple[str, int] | None:
+    match = _MARKDOWN_HEADING.match(lines[0]) if lines else None
+    return (match.group(1).strip(), 1) if match else None
 
 
 def _identifier_pair(chunk: StoredChunk) -> TrainingPair | None:
