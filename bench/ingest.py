@@ -30,17 +30,8 @@ from brainforge.memory.embedder import Embedder
 from brainforge.memory.store import embed_chunks, split_passages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _child import cpu_name  # noqa: E402
 from retrieval_corpora import package_root  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def corpus_chunks(packages: list[str], embedder: Embedder, limit: int | None) -> list[str]:

@@ -139,8 +139,9 @@ def test_evaluate_ranking_exact_numbers(tmp_path):
 
 
 def test_verdict_names_the_best_stage_and_the_gap():
-    records = [{**_record("name", ["g"], ["g"]), "vector": [["x", 0.9], ["g", 0.8]], "default": ["x", "g"]},
-               {**_record("name", ["g"], ["g"]), "vector": [["g", 0.9]], "default": ["g"]}]
+    records = [{**_record("name", ["g"], ["g"]), "vector": [["x", 0.9], ["g", 0.8]], "bm25_chunks": [["y", 1.0]],
+                "default": ["x", "g"]},
+               {**_record("name", ["g"], ["g"]), "vector": [["g", 0.9]], "bm25_chunks": [], "default": ["g"]}]
     v = verdict(records)
     assert v["best_stage"] == "bm25" and v["delta_mrr@10"] == -0.25 and v["default_ge_best"] is False
 
@@ -210,3 +211,12 @@ def test_code_corpus_queries_and_blanking(tmp_path, monkeypatch):
     assert "Load the base model" not in text and text.splitlines()[7] == "    def save_all(self):"  # lines kept
     assert set(blanked.candidates) == {"docstring"}
     assert {q.text for q in blanked.candidates["docstring"]} == set(docstrings)
+
+
+def test_before_ranker_replays_rrf_then_passages_replacing_the_order():
+    from bench.retrieval import before_ranker
+
+    record = {"vector": [["a", 0.9], ["b", 0.8]], "bm25_chunks": [["b", 9.0], ["c", 3.0]],
+              "passages": {"a": 0.2, "b": 0.1, "c": 0.7}}
+    # RRF: b (both lists) > a > c; the passage cosines then decide alone: c, a, b
+    assert before_ranker(record) == ["c", "a", "b"]

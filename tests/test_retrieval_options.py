@@ -25,6 +25,7 @@ class ListStore:
 
     def __init__(self, vector: list[tuple[str, float]], bm25: list[tuple[str, float]], **retrieval) -> None:
         self.vector, self.bm25 = vector, bm25
+        retrieval.setdefault("weights", {"vector": 1.0, "bm25": 1.0})  # equal, so the examples add up by hand
         self.config = SimpleNamespace(retrieval=RetrievalConfig(reranker="none", **retrieval))
         self.embedder = SimpleNamespace(embed_query=lambda query: np.ones(3, dtype=np.float32))
 
@@ -109,6 +110,7 @@ def test_recall_n_bounds_what_the_reranker_sees(recall_n, expected):
 
 
 def test_relative_fusion_is_the_default_and_keeps_each_rankers_confidence():
+    assert RetrievalConfig().fusion == "relative" and RetrievalConfig().weights == {"vector": 1.0, "bm25": 1.5}
     result = HybridRetriever(ListStore(*DISAGREE, top_k=3)).search("q")
     # relative to each list's best: B = 0.98/0.99 + 9.9/10 = 1.980; A = 1 + 0.01; C = 0.101 + 1
     assert ids(result) == ["B", "C", "A"]
@@ -130,14 +132,15 @@ def test_rerank_weight_sets_how_far_the_reranker_may_move_the_fused_order(weight
     assert all("rerank:prefers" in hit.scores for hit in result.hits)
 
 
-def test_a_code_looking_query_doubles_the_bm25_weight():
+def test_a_code_looking_query_multiplies_the_bm25_weight_when_the_rule_is_on():
     vector = [("A", 0.9), ("B", 0.6)]
     bm25 = [("B", 10.0), ("A", 7.0)]
     # plain words: A = 1 + 0.7 = 1.7 beats B = 0.667 + 1 = 1.667; an identifier: B = 0.667 + 2 beats A = 1 + 1.4
-    plain = HybridRetriever(ListStore(vector, bm25, top_k=2)).search("load base model")
-    assert ids(plain) == ["A", "B"] and plain.signals == [] and plain.weights == {"vector": 1.0, "bm25": 1.0}
-    code = HybridRetriever(ListStore(vector, bm25, top_k=2)).search("load_base_model")
+    equal = {"vector": 1.0, "bm25": 1.0}
+    plain = HybridRetriever(ListStore(vector, bm25, top_k=2, weights=equal, lexical_boost=2.0)).search("load base model")
+    assert ids(plain) == ["A", "B"] and plain.signals == [] and plain.weights == equal
+    code = HybridRetriever(ListStore(vector, bm25, top_k=2, weights=equal, lexical_boost=2.0)).search("load_base_model")
     assert ids(code) == ["B", "A"] and code.weights == {"vector": 1.0, "bm25": 2.0}
     assert code.signals == ["snake_case 'load_base_model'"]
-    off = HybridRetriever(ListStore(vector, bm25, top_k=2, lexical_boost=1.0)).search("load_base_model")
+    off = HybridRetriever(ListStore(vector, bm25, top_k=2, weights=equal)).search("load_base_model")  # the default: off
     assert ids(off) == ["A", "B"] and off.signals == []

@@ -533,16 +533,19 @@ class RetrievalConfig(StrictModel):
     """Depth of the vector (ChromaDB) list before fusion."""
     bm25_k: int = Field(50, gt=0)
     """Depth of the BM25 list before fusion."""
-    weights: dict[Literal["vector", "bm25"], float] = Field(default_factory=lambda: {"vector": 1.0, "bm25": 1.0})
-    """Per-ranker weight in the fusion; 0 turns a ranker off."""
+    weights: dict[Literal["vector", "bm25"], float] = Field(default_factory=lambda: {"vector": 1.0, "bm25": 1.5})
+    """Per-ranker weight in the fusion; 0 turns a ranker off. BM25 leans a little heavier by
+    default: with relative fusion, 1.5 was at or above the best single stage on every corpus
+    and query kind of bench/retrieval.py, and 1 to 2 all within noise of it (README)."""
     fusion: Literal["relative", "rrf", "linear"] = "relative"
     """`relative`: weighted sum of each list's scores divided by its best score (keeps how far a
     winner stands out; measured best on every corpus and query kind of bench/retrieval.py);
     `rrf`: reciprocal rank fusion on ranks only; `linear`: weighted sum of min-max normalised scores."""
-    lexical_boost: float = Field(2.0, ge=1.0)
-    """The BM25 weight is multiplied by this for a query that looks like code (an identifier
-    such as `load_base_model` or `loadBaseModel`, a dotted name, a call, or a quoted phrase):
-    its exact words are the evidence. 1 turns the rule off. See `memory/query_shape.py`."""
+    lexical_boost: float = Field(1.0, ge=1.0)
+    """Multiply the BM25 weight by this for a query that looks like code (an identifier such as
+    `load_base_model` or `loadBaseModel`, a dotted name, a call, or a quoted phrase). Off (1) by
+    default: measured, 2 did not help identifier queries (relative fusion already lets BM25's
+    confident exact match win) and cost a little elsewhere. See `memory/query_shape.py`."""
     rrf_k: int = Field(60, gt=0)
     """The RRF constant (60 in Cormack et al.)."""
     recall_n: int = Field(20, gt=0)
@@ -553,7 +556,7 @@ class RetrievalConfig(StrictModel):
     """Phase 2 reranker: `passages` (the chunk's best 8-line passage by embedder similarity;
     passage vectors are computed at ingest, so it costs about a millisecond), `none` (keep the
     hybrid order), or a sentence-transformers CrossEncoder folder or hub id."""
-    rerank_weight: float = Field(0.2, ge=0.0)
+    rerank_weight: float = Field(0.1, ge=0.0)
     """How much the reranker may move the fused order: final = fused / best fused + weight x
     the reranker's score min-max scaled over the candidates. 0 keeps the fused order; a large
     value lets the reranker decide alone (what `passages` did before, and it cost 0.07 MRR@10
