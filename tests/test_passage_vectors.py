@@ -82,3 +82,10 @@ def test_a_short_chunk_reuses_its_own_vector_and_truncated_passages_fall_back(em
 def test_mismatched_span_lists_are_refused(embedder):
     with pytest.raises(ValueError, match="2 texts but 1 span lists"):
         embedder.embed_with_spans(["a", "b"], [[((0, 1),)]])
+
+
+def test_query_vectors_equal_sentence_transformers_encode(embedder):
+    queries = ["load base model", "How do I rename the checkpoint folder after a crash?", "x"]
+    reference = embedder.model.encode(queries, normalize_embeddings=True, convert_to_numpy=True)
+    assert np.allclose(embedder.embed_queries(queries), reference, atol=1e-5)
+    assert embedder.embed_queries([]).shape == (0, embedder.dimension)

@@ -145,7 +145,13 @@ class Embedder:
         return self._recent_queries[text]
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """Query vectors by calling the model's modules directly: `encode()`'s bookkeeping was
+        about 2.5 ms of a ~20 ms query here, and a query's latency is mostly this call."""
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
         with torch_threads(self.config.query_threads), torch.inference_mode():
-            vectors = self.model.encode(list(texts), batch_size=len(texts) or 1, normalize_embeddings=True,
-                                        convert_to_numpy=True, show_progress_bar=False)
-        return np.asarray(vectors, dtype=np.float32)
+            features = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
+                                      return_tensors="pt")
+            vectors = self.model.forward(dict(features))["sentence_embedding"].float()
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        return vectors.numpy().astype(np.float32, copy=False)
