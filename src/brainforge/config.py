@@ -502,6 +502,10 @@ class EmbedderConfig(StrictModel):
     """Torch threads for one query (latency). One thread is fastest on a small busy CPU."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """`auto`: bfloat16 where the CPU has fast bf16 (AMX), else float32."""
+    query_backend: Literal["onnx", "torch"] = "onnx"
+    """What embeds a query: `onnx` (the model exported once to ONNX and run by onnxruntime:
+    2.5x faster for one short text on this CPU, same vectors; cached per set of weights under
+    ~/.cache/brainforge) or `torch`. A bfloat16 embedder always uses torch."""
 
 
 class ChunkingSettings(StrictModel):

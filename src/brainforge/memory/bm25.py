@@ -83,7 +83,7 @@ class BM25Index:
         known = [t for t in terms if t in self.retriever.vocab_dict]  # type: ignore[attr-defined]
         if not known:
             return []
-        depth = min(k, len(self.ids))
+        depth = min(3 * k, len(self.ids))  # a chunk has ~3 passages: one pass is usually enough
         while True:  # rows are passages: look deeper until k distinct chunks (or everything) are in
             rows, scores = self.retriever.retrieve([known], k=depth, show_progress=False, n_threads=1)  # type: ignore[attr-defined]
             best: dict[str, float] = {}

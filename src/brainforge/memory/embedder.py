@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ import torch
 from brainforge.config import EmbedderConfig
 from brainforge.errors import MissingDependencyError, StoreError
 from brainforge.hardware import cpu_has_fast_bf16
+
+if TYPE_CHECKING:
+    from brainforge.memory.query_encoder import OnnxQueryEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ class Embedder:
         self.max_tokens = int(self.model.max_seq_length)
         self.tokenizer = self.model.tokenizer
         self._recent_queries: dict[str, np.ndarray] = {}
+        self._query_encoder: OnnxQueryEncoder | None = None
+        self._query_encoder_failed = False
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Word pieces per text, without special tokens; for chunk sizing."""
@@ -145,10 +151,46 @@ class Embedder:
         return self._recent_queries[text]
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
-        """Query vectors by calling the model's modules directly: `encode()`'s bookkeeping was
-        about 2.5 ms of a ~20 ms query here, and a query's latency is mostly this call."""
+        """Query vectors; a query's latency is mostly this call (see query_encoder.py)."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
+        encoder = self._onnx_encoder() if self.config.query_backend == "onnx" and self.dtype == torch.float32 else None
+        if encoder is not None:
+            return encoder.encode(texts)
+        return self._embed_queries_torch(texts)
+
+    def _onnx_encoder(self) -> "OnnxQueryEncoder | None":
+        """The ONNX encoder, built on first use and checked against PyTorch; None (logged) if
+        the export or the check fails, so queries still work."""
+        if self._query_encoder is None and not self._query_encoder_failed:
+            from brainforge.memory.query_encoder import OnnxQueryEncoder, UnsupportedPipeline
+
+            try:
+                encoder = OnnxQueryEncoder(self.model, self.tokenizer, self.max_tokens, self.config.query_threads)
+                difference = encoder.agrees_with(self._embed_queries_torch) if encoder.exported else 0.0
+            except MissingDependencyError:
+                raise
+            except UnsupportedPipeline as exc:
+                logger.info("queries use PyTorch: the ONNX query encoder does not reproduce this pipeline (%s)", exc)
+                self._query_encoder_failed = True
+                return None
+            except Exception as exc:  # noqa: BLE001  (an exporter or runtime failure must not stop search)
+                logger.warning("the ONNX query encoder is unavailable (%s: %s); queries use PyTorch",
+                               exc.__class__.__name__, exc)
+                self._query_encoder_failed = True
+                return None
+            if difference > 1e-4:
+                logger.warning("the ONNX query encoder disagrees with PyTorch (max difference %.2g); queries use "
+                               "PyTorch", difference)
+                encoder.path.unlink(missing_ok=True)
+                self._query_encoder_failed = True
+                return None
+            self._query_encoder = encoder
+        return self._query_encoder
+
+    def _embed_queries_torch(self, texts: Sequence[str]) -> np.ndarray:
+        """The model's modules called directly: `encode()`'s bookkeeping was about 2.5 ms of
+        a ~20 ms query here."""
         with torch_threads(self.config.query_threads), torch.inference_mode():
             features = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
                                       return_tensors="pt")
