@@ -171,14 +171,6 @@ class ExperimentIndexes:
         return self.names.search(query, k)
 
 
-def committed_chunks(store: MemoryStore) -> list[StoredChunk]:
-    """Every chunk of the committed generation, via the manifest's per-file chunk ids (the
-    store has no public listing)."""
-    store.refresh()
-    ids = sorted({cid for entry in store.files().values() for cid in entry["chunk_ids"]})
-    return [store.chunk(cid) for cid in ids]
-
-
 def forget_query_vectors(embedder: Embedder) -> None:
     """The embedder remembers recent query vectors; a timed query must embed its own, or the
     latency would leave out most of its cost."""
@@ -250,7 +242,7 @@ def bench_corpus(name: str, args: argparse.Namespace, work: Path, embedder: Embe
         shutil.rmtree(store.root, ignore_errors=True)
     report = store.ingest([corpus.root])
     measured = report.chunks_added > 0 and not (args.reuse and report.chunks_added < report.chunks_total)
-    chunks = committed_chunks(store)
+    chunks = store.committed_chunks()
     index = chunk_index((c.id, c.path, c.start_line, c.end_line) for c in chunks)
     tokens = dict(zip([c.id for c in chunks], embedder.count_tokens([c.text for c in chunks])))
     experiments = ExperimentIndexes.build(chunks)

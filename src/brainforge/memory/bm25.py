@@ -22,7 +22,6 @@ from pathlib import Path
 from brainforge.errors import MissingDependencyError
 
 PASSAGE_SEPARATOR = "#"  # index row id = chunk id + "#" + passage number; chunk ids are hex
-_WORD = re.compile(r"[A-Za-z][A-Za-z0-9]*|[0-9]+")
 _CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
 STOPWORDS = frozenset(
     "a an and are as at be by for from has have how i in is it its of on or that the this to was what when "
@@ -30,15 +29,20 @@ STOPWORDS = frozenset(
 )
 
 
+def split_identifier(name: str) -> list[str]:
+    """`load_base_model` / `loadBaseModel` / `HTTPServer` -> lower-case words."""
+    return [part.lower() for word in re.split(r"[^0-9A-Za-z]+", name) for part in _CAMEL.findall(word)]
+
+
 def tokenize(text: str) -> list[str]:
     """Lower-cased words; snake_case and camelCase identifiers also split into their parts."""
     tokens: list[str] = []
     for identifier in re.findall(r"[A-Za-z0-9_]+", text):
-        parts = [p for word in identifier.split("_") for p in _CAMEL.findall(word)]
+        parts = split_identifier(identifier)
         whole = identifier.strip("_").lower()
         if len(parts) > 1 and whole:
             tokens.append(whole)
-        tokens.extend(part.lower() for part in parts)
+        tokens.extend(parts)
     return [_singular(token) for token in tokens if token not in STOPWORDS]
 
 

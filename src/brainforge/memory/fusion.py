@@ -14,7 +14,7 @@ Ties are broken by the best single rank, then by id, so the order never depends 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 Ranked = Sequence[tuple[str, float]]  # (doc id, score), best first
 
@@ -28,6 +28,14 @@ def relative_scores(ranked: Ranked) -> dict[str, float]:
     return {doc_id: (score / best if best > 0 else 0.0) for doc_id, score in ranked}
 
 
+def min_max_scores(ranked: Ranked) -> dict[str, float]:
+    """Each score mapped to [0, 1] between the list's worst and best (all 1 when they are equal)."""
+    if not ranked:
+        return {}
+    low, high = min(score for _, score in ranked), max(score for _, score in ranked)
+    return {doc_id: ((score - low) / (high - low) if high > low else 1.0) for doc_id, score in ranked}
+
+
 def relative_score_fusion(lists: Mapping[str, Ranked],
                           weights: Mapping[str, float] | None = None) -> list[tuple[str, float]]:
     """`score(d) = sum_r w_r * s_r(d) / max(s_r)`; a document missing from list r gets that list's
@@ -35,22 +43,32 @@ def relative_score_fusion(lists: Mapping[str, Ranked],
 
     Why the lowest and not 0: the lists are truncated (50 deep); a chunk just past BM25's cut
     is not evidence of irrelevance, and giving it 0 would let one list veto the other."""
+    return _weighted_score_sum(lists, weights, relative_scores, absent_gets_floor=True)
+
+
+def linear_fusion(lists: Mapping[str, Ranked], weights: Mapping[str, float] | None = None) -> list[tuple[str, float]]:
+    """Weighted sum of per-list min-max normalised scores (absent = 0); ties as in RRF."""
+    return _weighted_score_sum(lists, weights, min_max_scores, absent_gets_floor=False)
+
+
+def _weighted_score_sum(lists: Mapping[str, Ranked], weights: Mapping[str, float] | None,
+                        normalise: Callable[[Ranked], dict[str, float]], absent_gets_floor: bool) -> list[tuple[str, float]]:
     normalised: dict[str, dict[str, float]] = {}
-    floors: dict[str, float] = {}
     best_rank: dict[str, int] = {}
     for ranker, ranked in lists.items():
-        weight = 1.0 if weights is None else weights.get(ranker, 1.0)
-        if weight == 0 or not ranked:
+        if _weight(weights, ranker) == 0 or not ranked:
             continue
-        normalised[ranker] = relative_scores(ranked)
-        floors[ranker] = min(normalised[ranker].values())
+        normalised[ranker] = normalise(ranked)
         for rank, (doc_id, _score) in enumerate(ranked, start=1):
             best_rank[doc_id] = min(best_rank.get(doc_id, rank), rank)
-    scores: dict[str, float] = {}
-    for doc_id in best_rank:
-        scores[doc_id] = sum((1.0 if weights is None else weights.get(ranker, 1.0)) * found.get(doc_id, floors[ranker])
-                             for ranker, found in normalised.items())
+    absent = {ranker: min(found.values()) if absent_gets_floor else 0.0 for ranker, found in normalised.items()}
+    scores = {doc_id: sum(_weight(weights, ranker) * found.get(doc_id, absent[ranker]) for ranker, found in normalised.items())
+              for doc_id in best_rank}
     return sorted(scores.items(), key=lambda item: (-item[1], best_rank[item[0]], item[0]))
+
+
+def _weight(weights: Mapping[str, float] | None, ranker: str) -> float:
+    return 1.0 if weights is None else weights.get(ranker, 1.0)
 
 
 def reciprocal_rank_fusion(lists: Mapping[str, Ranked], k: int = 60,
@@ -61,28 +79,11 @@ def reciprocal_rank_fusion(lists: Mapping[str, Ranked], k: int = 60,
     scores: dict[str, float] = {}
     best_rank: dict[str, int] = {}
     for ranker, ranked in lists.items():
-        weight = 1.0 if weights is None else weights.get(ranker, 1.0)
+        weight = _weight(weights, ranker)
         if weight == 0:
             continue
         for rank, (doc_id, _score) in enumerate(ranked, start=1):
             scores[doc_id] = scores.get(doc_id, 0.0) + weight / (k + rank)
-            best_rank[doc_id] = min(best_rank.get(doc_id, rank), rank)
-    return sorted(scores.items(), key=lambda item: (-item[1], best_rank[item[0]], item[0]))
-
-
-def linear_fusion(lists: Mapping[str, Ranked], weights: Mapping[str, float] | None = None) -> list[tuple[str, float]]:
-    """Weighted sum of per-list min-max normalised scores (absent = 0); ties as in RRF."""
-    scores: dict[str, float] = {}
-    best_rank: dict[str, int] = {}
-    for ranker, ranked in lists.items():
-        weight = 1.0 if weights is None else weights.get(ranker, 1.0)
-        if weight == 0 or not ranked:
-            continue
-        values = [score for _, score in ranked]
-        low, high = min(values), max(values)
-        for rank, (doc_id, score) in enumerate(ranked, start=1):
-            normalised = (score - low) / (high - low) if high > low else 1.0
-            scores[doc_id] = scores.get(doc_id, 0.0) + weight * normalised
             best_rank[doc_id] = min(best_rank.get(doc_id, rank), rank)
     return sorted(scores.items(), key=lambda item: (-item[1], best_rank[item[0]], item[0]))
 

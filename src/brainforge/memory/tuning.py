@@ -32,6 +32,7 @@ import numpy as np
 
 from brainforge.config import MemoryConfig, TuneSettings
 from brainforge.errors import MissingDependencyError, StoreError
+from brainforge.memory.bm25 import split_identifier
 from brainforge.memory.chunking import rst_title
 from brainforge.memory.embedder import DEFAULT_EMBEDDER_ID, default_embedder_path, torch_threads
 from brainforge.memory.store import TUNED_PREFIX, MemoryStore, StoredChunk
@@ -92,14 +93,6 @@ class TuneReport:
 
 
 # ---------------------------------------------------------------------- mining
-
-
-def split_identifier(name: str) -> list[str]:
-    """`load_base_model` / `loadBaseModel` / `HTTPServer` -> lower-case words."""
-    words: list[str] = []
-    for part in re.split(r"[^0-9A-Za-z]+", name):
-        words.extend(re.findall(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+", part))
-    return [w.lower() for w in words]
 
 
 def first_sentence(text: str) -> str:
