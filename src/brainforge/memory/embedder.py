@@ -89,15 +89,17 @@ class Embedder:
                                         convert_to_numpy=True, show_progress_bar=show_progress)
         return np.asarray(vectors, dtype=np.float32)
 
-    def embed_with_spans(self, texts: Sequence[str], spans: Sequence[Sequence[Sequence[tuple[int, int]]]],
-                         show_progress: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    def embed_with_spans(self, texts: Sequence[str],
+                         spans: Sequence[Sequence[Sequence[tuple[int, int]]]]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Each text's vector plus one vector per span of it, from ONE forward pass.
 
-        `spans[i]` lists text i's spans; a span is one or more (start, end) character ranges. Its
-        vector is the normalised mean of the token states whose characters lie inside them (late chunking: the tokens were read in the context of the whole text). Embedding
-        every passage again as its own text doubled ingest time; this costs a few pooling sums.
-        A span whose last range has no tokens inside the model's window (a truncated text) gets
-        the text's own vector, so every span has one, and none is made of a shared header alone. Batches are sorted by length to keep padding small.
+        `spans[i]` lists text i's spans; a span is one or more (start, end) character ranges.
+        Its vector is the normalised mean of the token states whose characters lie inside them
+        (late chunking: the tokens were read in the context of the whole text). Embedding every
+        passage again as its own text doubled ingest time; this costs a few pooling sums. A
+        span whose last range has no tokens inside the model's window (a truncated text) gets
+        the text's own vector, so every span has one and none is a shared header alone.
+        Batches are sorted by length to keep padding small.
         """
         if len(texts) != len(spans):
             raise ValueError(f"{len(texts)} texts but {len(spans)} span lists")
@@ -105,11 +107,6 @@ class Embedder:
         span_vectors: list[np.ndarray] = [np.zeros((0, self.dimension), np.float32)] * len(texts)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         batches = [order[start:start + self.config.batch_size] for start in range(0, len(order), self.config.batch_size)]
-        progress = None
-        if show_progress:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=len(texts), desc="embedding", unit="chunk")
         with torch_threads(self.config.ingest_threads), torch.inference_mode():
             for batch in batches:
                 encoded = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
@@ -135,10 +132,6 @@ class Embedder:
                         else:
                             rows.append(vectors[index])
                     span_vectors[index] = np.asarray(rows, dtype=np.float32).reshape(-1, self.dimension)
-                if progress is not None:
-                    progress.update(len(batch))
-        if progress is not None:
-            progress.close()
         return vectors, span_vectors
 
     def embed_query(self, text: str) -> np.ndarray:
