@@ -16,7 +16,7 @@ RewardFunction = Callable[..., list]
 
 
 def _builtin() -> dict[str, RewardFunction]:
-    from brainforge.rewards import correctness, seed
+    from brainforge.rewards import correctness, search_r1, seed
     from brainforge.rewards.code_execution import code_execution
 
     return {
@@ -26,6 +26,10 @@ def _builtin() -> dict[str, RewardFunction]:
         "math_verify": correctness.math_verify_match,
         "answer_format": correctness.answer_format,
         "code_execution": code_execution,
+        "answer_match": search_r1.answer_match,
+        "tag_order": search_r1.tag_order,
+        "search_bonus": search_r1.search_bonus,
+        "search_r1_format": search_r1.search_r1_format,
     }
 
 
