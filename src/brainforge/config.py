@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -111,7 +112,8 @@ class SourceConfig(StrictModel):
 
     @model_validator(mode="after")
     def _exactly_one_location(self) -> "SourceConfig":
-        if (self.name is None) == (self.path is None):
+        # `qa:jsonl` is the one named source that reads a local file: it takes both.
+        if (self.name is None) == (self.path is None) and not (self.name == "qa:jsonl" and self.path):
             raise ValueError("give exactly one of 'name' (sample:<type> or hub id) or 'path' (a local file)")
         if self.weight <= 0:
             raise ValueError(f"weight must be > 0, got {self.weight}; drop the source instead of weighting it 0")
@@ -445,24 +447,104 @@ class ExperienceSettings(StrictModel):
         return self
 
 
-RL_ALGORITHMS = ("grpo", "luffy", "exgrpo", "hybrid")
+class SearchSettings(StrictModel):
+    """Search-R1: multi-turn rollouts in which the policy searches the memory store
+    (ALGORITHMS.md section 5). Used by `search_r1`."""
+
+    max_search_calls: int = 3
+    """Searches a rollout may make; after the last one the next turn is the final answer
+    turn, sampled with search disabled."""
+    top_k: int = 3
+    """Retrieved chunks per search, shown inside the observation tag."""
+    max_turn_tokens: int = 64
+    """Tokens the policy may sample in one turn (between two observations)."""
+    max_observation_tokens: int = 192
+    """An observation's retrieved text is cut to this many tokens (its tags are always closed)."""
+    max_total_tokens: int = 448
+    """Cap on a whole transcript after the prompt: the policy's turns plus observations.
+    A rollout that reaches it is truncated."""
+    think_tag: str = "think"
+    search_tag: str = "search"
+    observation_tag: str = "context"
+    """The seed's name; Search-R1 calls it `information`. Training, rewards and `ask` agree on it."""
+    answer_tag: str = "answer"
+    instruction: str = (
+        "Answer the question. Think inside <think> </think> first. If you need a fact, search for it with "
+        "<search> query </search>; the results come back inside <context> </context>, and you can search again. "
+        "When you know the answer, give only the answer inside <answer> </answer>, for example <answer> Paris </answer>.\n"
+        "Question: {question}"
+    )
+    """The user message of every Search-R1 prompt; `{question}` is the bare question. The
+    tag names in it must be the ones above."""
+    cold_start: Literal["luffy", "sft", "none"] = "luffy"
+    """Guidance while the policy does not search on its own yet: programmatic search traces
+    (search with the question, read the retrieved text, answer) as LUFFY off-policy slots in
+    each group, or a supervised warm-up on them for `warmup_steps`, or none."""
+    trace_slots: int = 1
+    """luffy cold start: group slots that hold a search trace."""
+    warmup_steps: int = 10
+    """sft cold start: supervised steps on search traces before RL starts."""
+    rerank: bool = False
+    """Rerank each search's candidates (slower rollouts; the fused order is the default)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SearchSettings":
+        problems = []
+        for name in ("max_search_calls", "top_k", "max_turn_tokens", "max_observation_tokens", "max_total_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"algorithm.search.{name}: must be >= 1")
+        if self.max_total_tokens < self.max_turn_tokens:
+            problems.append("algorithm.search.max_total_tokens: must be >= max_turn_tokens")
+        names = [self.think_tag, self.search_tag, self.observation_tag, self.answer_tag]
+        if len(set(names)) < 4 or not all(re.fullmatch(r"[A-Za-z_][\w-]*", n) for n in names):
+            problems.append("algorithm.search.*_tag: four different tag names made of letters, digits, _ or -")
+        if "{question}" not in self.instruction:
+            problems.append("algorithm.search.instruction: must contain {question}")
+        missing = [f"<{n}>" for n in names if f"<{n}>" not in self.instruction]
+        if missing:
+            problems.append(f"algorithm.search.instruction: does not show the tags {', '.join(missing)}; the policy "
+                            "must be told the tag names the rollout parses and the rewards score")
+        if self.trace_slots < 0 or self.warmup_steps < 0:
+            problems.append("algorithm.search.trace_slots/warmup_steps: must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+RL_ALGORITHMS = ("grpo", "luffy", "exgrpo", "hybrid", "search_r1")
 
 
 class AlgorithmConfig(StrictModel):
-    name: Literal["sft", "grpo", "luffy", "exgrpo", "hybrid"] = "sft"
+    name: Literal["sft", "grpo", "luffy", "exgrpo", "hybrid", "search_r1"] = "sft"
     """Training algorithm: sft (supervised), grpo (reinforcement learning with rewards),
     luffy (GRPO + off-policy traces), exgrpo (GRPO + replay of the model's own successes),
-    hybrid (luffy and exgrpo together, the seed's flow)."""
+    hybrid (luffy and exgrpo together, the seed's flow), search_r1 (GRPO on multi-turn
+    rollouts that search the memory store)."""
     grpo: GRPOSettings = Field(default_factory=GRPOSettings)
     """The RL core's settings (used by grpo, luffy, exgrpo and hybrid)."""
     off_policy: OffPolicySettings = Field(default_factory=OffPolicySettings)
     """Trace mixing and the off-policy loss (luffy, exgrpo, hybrid)."""
     experience: ExperienceSettings = Field(default_factory=ExperienceSettings)
     """The experience buffer (exgrpo, hybrid)."""
+    search: SearchSettings = Field(default_factory=SearchSettings)
+    """Multi-turn rollouts with search calls (search_r1)."""
 
     @property
     def is_rl(self) -> bool:
         return self.name in RL_ALGORITHMS
+
+    @model_validator(mode="after")
+    def _search_r1_defaults(self) -> "AlgorithmConfig":
+        """search_r1 scores with the seed's reward where the config is silent: correctness 0.7,
+        reasoning (tag order) 0.2, effective-search bonus 0.1."""
+        if self.name == "search_r1" and "reward_functions" not in self.grpo.model_fields_set:
+            self.grpo.reward_functions = [RewardFunctionConfig(name="answer_match", weight=0.7),
+                                          RewardFunctionConfig(name="tag_order", weight=0.2),
+                                          RewardFunctionConfig(name="search_bonus", weight=0.1)]
+        if self.name == "search_r1" and self.search.cold_start == "luffy" and self.search.trace_slots >= self.grpo.num_generations:
+            raise ValueError(f"algorithm.search.trace_slots: must be < num_generations ({self.grpo.num_generations}); "
+                             "a group needs fresh samples to learn from")
+        return self
 
     @model_validator(mode="after")
     def _off_policy_defaults(self) -> "AlgorithmConfig":
@@ -678,6 +760,9 @@ class BrainforgeConfig(StrictModel):
             if t.per_device_batch_size != defaults["per_device_batch_size"].default:
                 problems.append("training.per_device_batch_size: not used by algorithm grpo. Remove it, and set "
                                 "algorithm.grpo.micro_batch_size (completions per forward/backward) instead")
+        if self.algorithm.name == "search_r1" and self.memory.enabled:
+            problems.append("memory.enabled: search_r1 reads the store through the policy's own searches; putting retrieved "
+                            "context into every prompt as well would teach it not to search. Set memory.enabled: false")
         if self.hardware.num_nodes > 1 and self.hardware.strategy == "auto":
             problems.append("hardware.strategy: multi-node runs need an explicit strategy such as ddp or fsdp")
         if problems:
@@ -692,19 +777,137 @@ class BrainforgeConfig(StrictModel):
         return [self.data.source]
 
 
+# --------------------------------------------------------------------------- reason
+
+
+REASON_PHASES = {"phase1": ("luffy", "exgrpo", "hybrid"), "phase2": ("search_r1",)}
+"""The algorithms each phase of `brainforge reason` may use."""
+REASON_OWNED_KEYS = ("training.output_dir", "training.run_name")
+"""Set at the top level only: they name the pipeline's one run folder; each phase's run is
+its `phase1/` or `phase2/` sub-folder."""
+STORE_KEYS = ("store", "server_url", "collection", "embedder", "chunking")
+"""Memory keys that decide which store phase 2 searches: top level only, so that
+`brainforge ingest DOCS --config CONFIG` builds the store the phase searches."""
+
+
+class ReasonConfig(StrictModel):
+    """`reason:` of a `brainforge reason` config: two phases, each a mapping of sections
+    deep-merged over the rest of the file (mappings merge key by key; a list or a value
+    replaces the file's). Phase 1 learns to reason (luffy, exgrpo or hybrid); phase 2
+    (search_r1) continues from phase 1's final adapter and learns to search."""
+
+    phase1: dict[str, Any]
+    """Sections for phase 1, e.g. {algorithm: {name: luffy, ...}, data: {...}, training: {max_steps: 20}}.
+    `algorithm.name` must end up luffy, exgrpo or hybrid."""
+    phase2: dict[str, Any]
+    """Sections for phase 2; `algorithm.name` must end up search_r1. `model.adapter_path` is
+    set by the pipeline (phase 1's adapter) and must not be given."""
+
+
+class _ReasonOnly(StrictModel):
+    reason: ReasonConfig
+
+
 # --------------------------------------------------------------------------- loading
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> BrainforgeConfig:
-    """Read, override and validate a config file; relative data paths resolve from it."""
+    """Read, override and validate a config file; relative data paths resolve from it.
+
+    A two-phase file (with a `reason:` section) is refused: which phase's settings would
+    apply is ambiguous, so `brainforge reason` (or `load_reason_config`) reads it."""
     raw = read_yaml(path)
     for override in overrides or []:
         apply_override(raw, override)
-    config = validate_config(raw, source=str(path))
+    if "reason" in raw:
+        raise ConfigError(f"{path}: reason: this is a two-phase reasoning config; run it with `brainforge reason {path}` "
+                          "(or pass a phase's own config, e.g. RUN/phase2/config.yaml from a reason run folder)")
+    return _resolve_paths(validate_config(raw, source=str(path)), path)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, recursively for mappings; anything else in `override`
+    (a value, a list, null) replaces what `base` had. Neither input is changed."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def has_reason_section(path: str | Path) -> bool:
+    """Whether a config file is a two-phase `brainforge reason` config."""
+    return "reason" in read_yaml(path)
+
+
+def load_reason_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, BrainforgeConfig]:
+    """A `brainforge reason` config: each phase's full, validated config, by phase name.
+    Their `training.output_dir` and `run_name` are the top level's (a phase may not set
+    them): they name the pipeline's run folder.
+
+    `--set` overrides apply to the file before the merge, so `training.max_steps=2` sets
+    both phases (unless a phase sets it itself) and `reason.phase1.training.max_steps=2` one.
+    Every error names its key path, e.g. `reason.phase1.algorithm.name`."""
+    raw = read_yaml(path)
+    for override in overrides or []:
+        apply_override(raw, override)
+    if "reason" not in raw:
+        raise ConfigError(f"{path}: reason: missing; a reason config has a `reason:` section with `phase1:` and `phase2:` "
+                          "mappings (see configs/reasoning.yaml), or train a one-phase config with `brainforge train`")
+    try:
+        reason = _ReasonOnly.model_validate({"reason": raw.pop("reason")}).reason
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None
+    phases: dict[str, BrainforgeConfig] = {}
+    for phase, allowed in REASON_PHASES.items():
+        section: dict[str, Any] = getattr(reason, phase)
+        _check_reason_phase(path, phase, section)
+        merged = deep_merge(raw, section)
+        algorithm = merged.get("algorithm") if isinstance(merged.get("algorithm"), dict) else {}
+        name = algorithm.get("name", "sft")
+        if name not in allowed:
+            raise ConfigError(f"{path}: reason.{phase}.algorithm.name: {phase} runs {' or '.join(allowed)}, not {name!r}; "
+                              f"set reason.{phase}.algorithm.name (or algorithm.name at the top level) to one of them")
+        config = validate_config(merged, source=f"{path} (reason.{phase} merged over the file)")
+        phases[phase] = _resolve_paths(config, path)
+    return phases
+
+
+def _check_reason_phase(path: str | Path, phase: str, section: dict[str, Any]) -> None:
+    """Keys a phase may not set: the run folder's, phase 2's starting adapter and its store."""
+    def value_at(dotted: str) -> Any:
+        node: Any = section
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    for key in REASON_OWNED_KEYS:
+        if value_at(key) is not None:
+            raise ConfigError(f"{path}: reason.{phase}.{key}: the pipeline writes each phase to RUN/{phase}/; "
+                              f"set {key} at the top level (it names RUN), not per phase")
+    if phase == "phase2":
+        if value_at("model.adapter_path") is not None:
+            raise ConfigError(f"{path}: reason.phase2.model.adapter_path: phase 2 always starts from phase 1's final adapter; "
+                              "remove it (to start phase 1 from an adapter, set model.adapter_path at the top level or in phase1)")
+        for key in STORE_KEYS:
+            if value_at(f"memory.{key}") is not None:
+                raise ConfigError(f"{path}: reason.phase2.memory.{key}: set it in the top-level memory section instead, so "
+                                  f"`brainforge ingest DOCS --config {path}` builds the store phase 2 searches")
+
+
+def _resolve_paths(config: BrainforgeConfig, path: str | Path) -> BrainforgeConfig:
+    """Relative data, store and adapter paths of a config resolve from the config file's folder."""
     base = Path(path).resolve().parent
     for source in config.sources():
         if source.path is not None and not Path(source.path).is_absolute():
             source.path = str((base / source.path).resolve())
+        test_path = source.options.get("test_path") if source.name == "qa:jsonl" else None
+        if isinstance(test_path, str) and test_path.strip() and not Path(test_path).is_absolute():
+            source.options["test_path"] = str((base / test_path).resolve())
     resolve_memory_paths(config.memory, base)
     if config.model.adapter_path and not Path(config.model.adapter_path).is_absolute():
         candidate = base / config.model.adapter_path

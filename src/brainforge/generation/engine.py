@@ -63,6 +63,8 @@ class Rollout:
     prefix_mask: torch.Tensor | None = None      # [N, T] bool: tokens the policy did not sample (trace, replay)
     behaviour_logps: torch.Tensor | None = None  # [N, T] their behaviour log-probs; NaN = unknown (prob 1)
     sources: list[str] | None = None             # per row: "policy", "trace" or "replay"
+    observation_mask: torch.Tensor | None = None  # [N, T] bool: tokens the environment inserted (search results)
+    search_logs: list[Any] | None = None         # per row: reasoning.rollout.SearchLog of a multi-turn rollout
 
     @property
     def lengths(self) -> torch.Tensor:

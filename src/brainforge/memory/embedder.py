@@ -143,6 +143,15 @@ class Embedder:
             self._recent_queries[text] = self.embed_queries([text])[0]
         return self._recent_queries[text]
 
+    def remember_queries(self, texts: Sequence[str]) -> None:
+        """Embed the queries not remembered yet in one batched call, so that the searches
+        that follow (one per query) find their vectors ready."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._recent_queries))[-64:]
+        while len(self._recent_queries) + len(missing) > 64 and self._recent_queries:
+            self._recent_queries.pop(next(iter(self._recent_queries)))
+        for text, vector in zip(missing, self.embed_queries(missing)):
+            self._recent_queries[text] = vector
+
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
         """Query vectors; a query's latency is mostly this call (see query_encoder.py)."""
         if not texts:

@@ -106,5 +106,12 @@ class HybridRetriever:
         return SearchResult(query, hits[:top_k], stages, timings, len(candidates), weights, signals)
 
 
+    def search_many(self, queries: list[str], top_k: int | None = None, rerank: bool = True) -> list[SearchResult]:
+        """One result per query; the query vectors are computed in one batched call."""
+        if self.config.weights.get("vector", 0) > 0:
+            self.store.embedder.remember_queries([q for q in queries if q.strip()])
+        return [self.search(query, top_k, rerank) for query in queries]
+
+
 def _ms(started: float) -> float:
     return (time.perf_counter() - started) * 1000.0

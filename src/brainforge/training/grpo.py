@@ -54,9 +54,12 @@ log = logging.getLogger(__name__)
 
 class GRPOModule(L.LightningModule):
     def __init__(self, model: Any, tokenizer: Any, chat_template: str, settings: GRPOSettings, training: TrainingConfig, total_steps: int,
-                 off_policy: OffPolicySettings | None = None, traces: Any = None, replay: Any = None):
-        """`off_policy` switches on the mixed-policy loss; `traces` (luffy.TraceSlots) and
-        `replay` (exgrpo.ExperienceReplay) fill group slots with off-policy samples."""
+                 off_policy: OffPolicySettings | None = None, traces: Any = None, replay: Any = None, search: Any = None,
+                 warmup_traces: Any = None, warmup_steps: int = 0):
+        """`off_policy` switches on the mixed-policy loss; `traces` (luffy.TraceSlots, or
+        search_r1.SearchTraces) and `replay` (exgrpo.ExperienceReplay) fill group slots with
+        off-policy samples; `search` (search_r1.SearchRollouts) samples multi-turn rollouts
+        with search calls; the first `warmup_steps` steps are supervised on `warmup_traces`."""
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -74,9 +77,13 @@ class GRPOModule(L.LightningModule):
         self.off_policy = off_policy
         self.traces = traces
         self.replay = replay
+        self.search = search
+        self.warmup_traces = warmup_traces
+        self.warmup_steps = warmup_steps
         self.loss_config = GRPOLossConfig(
             epsilon_low=settings.epsilon, epsilon_high=settings.epsilon_high if settings.epsilon_high is not None else settings.epsilon,
-            beta=settings.beta, loss_type=settings.loss_type, max_completion_length=settings.max_new_tokens,
+            beta=settings.beta, loss_type=settings.loss_type,
+            max_completion_length=search.settings.max_total_tokens if search is not None else settings.max_new_tokens,
             clip=off_policy.clip_on_policy if off_policy else True,
             entropy_coef=off_policy.entropy_coef if off_policy else 0.0,
             off_policy=OffPolicyLoss.from_weights(off_policy.shaping_gamma, off_policy.on_weight, off_policy.off_weight) if off_policy else None,
@@ -96,13 +103,16 @@ class GRPOModule(L.LightningModule):
         per step, however many updates it makes."""
         K = self.settings.num_generations
         timings: dict[str, float] = {}
+        if self.global_step < self.warmup_steps and self.warmup_traces is not None:
+            return self.warmup_step(prompts)
 
         clock = time.perf_counter()
         prompts, off_policy = self.plan_groups(prompts)                                    # B prompts, off-policy samples of each
         timings["plan"] = time.perf_counter() - clock
         clock = time.perf_counter()
         prompt_ids = [self.encode_prompt(p) for p in prompts]
-        fresh = self.engine.generate(prompt_ids, [K - len(o) for o in off_policy], self.sampling)
+        counts = [K - len(o) for o in off_policy]
+        fresh = self.search.sample(prompt_ids, counts, self.sampling) if self.search else self.engine.generate(prompt_ids, counts, self.sampling)
         rollout = assemble_groups(prompt_ids, off_policy, fresh, K, self.engine.pad_id)    # [N = B*K] rows, groups of K
         timings["generation"] = time.perf_counter() - clock
 
@@ -110,9 +120,7 @@ class GRPOModule(L.LightningModule):
         rewards, per_function = self.score(prompts, rollout)                               # [N], {name: [N]}
         advantages = group_advantages(rewards, K, self.settings.scale_rewards)             # [N] over the whole mixed group
         scored = scored_mask(rewards)                                                      # [N] no reward: no part in the loss
-        mask = rollout.completion_mask.float() * scored.float()[:, None]                   # [N, T]
-        if self.settings.mask_truncated_completions:
-            mask = mask * (~rollout.truncated).float()[:, None]
+        mask = self.loss_mask(rollout, scored)                                             # [N, T]
         totals = StepTotals.of(mask, rows=int(scored.sum()))                               # counts summed over DDP ranks
         timings["rewards"] = time.perf_counter() - clock
 
@@ -162,8 +170,53 @@ class GRPOModule(L.LightningModule):
         metrics.update(loss=step_loss / iterations, grad_norm=grad_norm, skipped_updates=float(self.skipped_updates))
         if self.off_policy is not None:
             metrics.update(self.off_policy_metrics(rollout, rewards, stats_sum, iterations))
+        if self.search is not None:
+            from brainforge.reasoning.search_r1 import search_metrics
+
+            metrics.update(search_metrics(rollout))
+            for traces in (self.traces, self.warmup_traces):
+                if hasattr(traces, "metrics"):
+                    metrics.update(traces.metrics())
         self.record(metrics, prompts, rollout, rewards)
         return torch.tensor(step_loss / iterations)
+
+    def loss_mask(self, rollout: Rollout, scored: torch.Tensor) -> torch.Tensor:
+        """[N, T] 1 on the tokens the loss, the KL and the entropy are taken over: the
+        completion tokens of rows with a reward, minus the environment's observation tokens
+        (state masking: they stay in the packed sequence, so later tokens attend to them),
+        minus truncated rows when `mask_truncated_completions`."""
+        mask = rollout.completion_mask.float() * scored.float()[:, None]
+        if rollout.observation_mask is not None:
+            mask = mask * (~rollout.observation_mask).float()
+        if self.settings.mask_truncated_completions:
+            mask = mask * (~rollout.truncated).float()[:, None]
+        return mask
+
+    def warmup_step(self, prompts: list[PromptExample]) -> torch.Tensor:
+        """A supervised step on the off-policy samples of this step's prompts (search_r1's
+        `cold_start: sft`): mean negative log-likelihood of their tokens, observation tokens
+        excluded, one optimizer step. It counts as a step (schedule, checkpoints)."""
+        samples = [self.warmup_traces.samples_for(p)[:1] for p in prompts]
+        chosen = [(p, s) for p, s in zip(prompts, samples) if s]
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        nll = math.nan
+        if chosen:
+            prompt_ids = [self.encode_prompt(p) for p, _ in chosen]
+            rollout = assemble_groups(prompt_ids, [s for _, s in chosen], self.engine._empty_rollout(), 1, self.engine.pad_id)
+            mask = self.loss_mask(rollout, torch.ones(len(chosen), dtype=torch.bool))
+            logps, _ = self.completion_logps(rollout, grad=True)
+            loss = -(logps * mask.to(logps.device)).sum() / mask.sum().clamp(min=1)
+            self.manual_backward(loss)
+            self.clip_and_check(optimizer)
+            nll = float(loss.detach())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {"warmup/nll": nll, "warmup/samples": float(len(chosen))}
+        for logger in self.loggers:  # straight to the loggers: self.log would repeat the last value at every later step
+            logger.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=self.global_step)
+        self.history.append({"step": float(self.global_step), **metrics})
+        return torch.tensor(0.0 if math.isnan(nll) else nll)
 
     def plan_groups(self, prompts: list[PromptExample]) -> tuple[list[PromptExample], list[list[OffPolicySample]]]:
         """Plain GRPO: every slot is a fresh sample. ExGRPO swaps some prompts for replayed

@@ -6,6 +6,7 @@ figures in `metrics.json` (reward at the start and end, time per step by phase).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -87,9 +88,9 @@ class RLInputs:
     trace_report: list[str] = field(default_factory=list)
 
 
-def prepare_rl_inputs(config: BrainforgeConfig) -> RLInputs:
-    """Prompts, and for luffy/hybrid the traces: a bad or empty trace set fails here, in
-    seconds, not after the model has loaded."""
+def prepare_rl_inputs(config: BrainforgeConfig, config_path: str | Path | None = None) -> RLInputs:
+    """Prompts, and for luffy/hybrid the traces, for search_r1 the store: a bad or empty
+    trace set or store fails here, in seconds, not after the model has loaded."""
     settings = config.algorithm.grpo
     prompts = training_prompts(config)
     if len(prompts) < settings.prompts_per_step:
@@ -97,6 +98,13 @@ def prepare_rl_inputs(config: BrainforgeConfig) -> RLInputs:
 
         raise DataError(f"only {len(prompts)} prompts for prompts_per_step={settings.prompts_per_step}; add prompts or lower algorithm.grpo.prompts_per_step")
     inputs = RLInputs(prompts)
+    if config.algorithm.name == "search_r1":
+        from brainforge.reasoning.search_r1 import search_prompt
+        from brainforge.reasoning.search_tool import require_search_store
+
+        chunks = require_search_store(config.memory, config_path)
+        inputs.prompts = [search_prompt(p, config.algorithm.search) for p in prompts]
+        inputs.trace_report = [f"memory store {config.memory.store}: {chunks} chunks"]
     if config.algorithm.name in ("luffy", "hybrid"):
         from brainforge.training.luffy import check_trace_config, collect_traces
 
@@ -149,6 +157,8 @@ def build_rl_module(config: BrainforgeConfig, model: Any, tokenizer: Any, chat_t
     settings = algorithm.grpo
     if algorithm.name == "grpo":
         return GRPOModule(model, tokenizer, chat_template, settings, config.training, total_steps)
+    if algorithm.name == "search_r1":
+        return build_search_r1_module(config, model, tokenizer, chat_template, inputs, total_steps)
     module = GRPOModule(model, tokenizer, chat_template, settings, config.training, total_steps, off_policy=algorithm.off_policy)
     if algorithm.name in ("luffy", "hybrid"):
         from brainforge.training.luffy import prepare_trace_slots
@@ -165,6 +175,31 @@ def build_rl_module(config: BrainforgeConfig, model: Any, tokenizer: Any, chat_t
 
         module.replay = ExperienceReplay(algorithm.experience, settings.num_generations, replay_signature(config), config.training.seed,
                                          skip_truncated=settings.mask_truncated_completions)
+    return module
+
+
+def build_search_r1_module(config: BrainforgeConfig, model: Any, tokenizer: Any, chat_template: str, inputs: RLInputs,
+                           total_steps: int) -> GRPOModule:
+    """GRPO on multi-turn search rollouts; the cold start's search traces go into LUFFY
+    slots (with the off-policy loss) or a supervised warm-up."""
+    from brainforge.reasoning.search_r1 import SEARCH_REWARDS, SearchRollouts, SearchTraces, tag_kwargs
+    from brainforge.reasoning.search_tool import MemorySearch
+
+    search_settings = config.algorithm.search
+    settings = config.algorithm.grpo
+    luffy = search_settings.cold_start == "luffy" and search_settings.trace_slots > 0
+    module = GRPOModule(model, tokenizer, chat_template, settings, config.training, total_steps,
+                        off_policy=config.algorithm.off_policy if luffy else None,
+                        warmup_steps=search_settings.warmup_steps if search_settings.cold_start == "sft" else 0)
+    search = MemorySearch(config.memory, search_settings)
+    module.search = SearchRollouts(module.engine, search, search_settings)
+    module.loss_config = dataclasses.replace(module.loss_config, max_completion_length=search_settings.max_total_tokens)
+    if luffy:
+        module.traces = SearchTraces(tokenizer, search, search_settings, search_settings.trace_slots)
+    elif search_settings.cold_start == "sft":
+        module.warmup_traces = SearchTraces(tokenizer, search, search_settings, 1)
+    module.rewards = [(name, function, weight, {**tag_kwargs(search_settings), **kwargs} if name in SEARCH_REWARDS else kwargs)
+                      for name, function, weight, kwargs in module.rewards]
     return module
 
 
@@ -211,7 +246,7 @@ def planned_grpo_steps(config: BrainforgeConfig, num_prompts: int) -> int:
     return config.training.num_epochs * (num_prompts // settings.prompts_per_step)
 
 
-TITLES = {"grpo": "GRPO", "luffy": "LUFFY", "exgrpo": "ExGRPO", "hybrid": "LUFFY + ExGRPO"}
+TITLES = {"grpo": "GRPO", "luffy": "LUFFY", "exgrpo": "ExGRPO", "hybrid": "LUFFY + ExGRPO", "search_r1": "Search-R1"}
 
 
 def plot_curves(history: list[dict[str, float]], path: Path, title: str = "GRPO") -> None:
@@ -220,6 +255,7 @@ def plot_curves(history: list[dict[str, float]], path: Path, title: str = "GRPO"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    history = [h for h in history if "reward/mean" in h]  # not the supervised warm-up steps
     steps = [h["step"] for h in history]
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     top.plot(steps, [h["reward/mean"] for h in history], label="reward (mean of the step)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,6 +31,11 @@ class OffPolicySample:
     """Per-token log-probs of the policy that wrote it, aligned with token_ids; None = unknown."""
     truncated: bool = False
     """Cut to the completion budget before its end-of-turn token."""
+    observation_mask: list[bool] | None = None
+    """Per token: inserted by the environment (a search trace's retrieved text), attended to
+    but never trained on; None = none."""
+    search_log: Any = None
+    """A search trace's reasoning.rollout.SearchLog."""
 
 
 def assemble_groups(prompt_ids: list[list[int]], off_policy: list[list[OffPolicySample]], fresh: Rollout,
@@ -49,6 +55,9 @@ def assemble_groups(prompt_ids: list[list[int]], off_policy: list[list[OffPolicy
     behaviour = torch.full((rows, width), math.nan)
     truncated = torch.zeros(rows, dtype=torch.bool)
     logprobs = torch.zeros((rows, width)) if fresh.logprobs is not None else None
+    multi_turn = fresh.observation_mask is not None or any(s.observation_mask is not None for o in off_policy for s in o)
+    observed = torch.zeros((rows, width), dtype=torch.bool) if multi_turn else None
+    search_logs: list[Any] | None = [] if multi_turn else None
     texts: list[str] = []
     sources: list[str] = []
     all_prompts: list[list[int]] = []
@@ -62,6 +71,10 @@ def assemble_groups(prompt_ids: list[list[int]], off_policy: list[list[OffPolicy
             if sample.behaviour_logps is not None and len(sample.behaviour_logps) == n:
                 behaviour[row, :n] = torch.tensor(sample.behaviour_logps, dtype=torch.float32)
             truncated[row] = sample.truncated
+            if observed is not None and sample.observation_mask is not None:
+                observed[row, :n] = torch.tensor(sample.observation_mask, dtype=torch.bool)
+            if search_logs is not None:
+                search_logs.append(sample.search_log)
             texts.append(sample.text)
             sources.append(sample.source)
             all_prompts.append(list(prompt))
@@ -73,10 +86,15 @@ def assemble_groups(prompt_ids: list[list[int]], off_policy: list[list[OffPolicy
             truncated[row] = fresh.truncated[fresh_row]
             if logprobs is not None:
                 logprobs[row, :t] = fresh.logprobs[fresh_row]
+            if observed is not None and fresh.observation_mask is not None:
+                observed[row, :t] = fresh.observation_mask[fresh_row]
+            if search_logs is not None:
+                search_logs.append(fresh.search_logs[fresh_row] if fresh.search_logs else None)
             texts.append(fresh.texts[fresh_row])
             sources.append("policy")
             all_prompts.append(list(prompt))
             row += 1
             fresh_row += 1
     return Rollout(prompt_ids=all_prompts, completion_ids=ids, completion_mask=mask, truncated=truncated, texts=texts,
-                   logprobs=logprobs, stats=dict(fresh.stats), prefix_mask=prefix, behaviour_logps=behaviour, sources=sources)
+                   logprobs=logprobs, stats=dict(fresh.stats), prefix_mask=prefix, behaviour_logps=behaviour, sources=sources,
+                   observation_mask=observed, search_logs=search_logs)

@@ -38,10 +38,11 @@ log = logging.getLogger(__name__)
 RUN_DIR_ENV = "BRAINFORGE_RUN_DIR"
 
 
-def train(config: BrainforgeConfig, config_path: str | Path, resume: bool = False) -> Path:
-    """Run SFT as configured and return the run folder."""
+def train(config: BrainforgeConfig, config_path: str | Path, resume: bool = False, resume_command: str | None = None) -> Path:
+    """Run SFT as configured and return the run folder. `resume_command` is what Ctrl-C
+    tells the user to run to continue (`brainforge reason` passes its own)."""
     inherited_run_dir = RUN_DIR_ENV in os.environ  # set for DDP children by their parent
-    hint = f"The last complete checkpoint is kept; continue with: brainforge train {config_path} --resume"
+    hint = f"The last complete checkpoint is kept; continue with: {resume_command or f'brainforge train {config_path} --resume'}"
     try:
         with interrupt_guard(hint):
             return _train(config, Path(config_path), resume)
@@ -61,7 +62,7 @@ def _train(config: BrainforgeConfig, config_path: Path, resume: bool) -> Path:
     if config.algorithm.is_rl:
         from brainforge.training.grpo_run import prepare_rl_inputs, run_grpo
 
-        inputs = prepare_rl_inputs(config)  # prompts and traces are checked before the model loads
+        inputs = prepare_rl_inputs(config, config_path)  # prompts, traces and store are checked before the model loads
         model, tokenizer = load_policy(config)
         return run_grpo(config, run_dir, checkpoint, model, tokenizer, inputs)
     model, tokenizer = load_policy(config)
