@@ -370,10 +370,14 @@ def test_realistic_configs_fit_a_24_gb_machine():
     from brainforge.config import load_config
     from brainforge.training.estimate import check_memory
 
+    from brainforge.config import has_reason_section, load_reason_config
+
     configs = sorted((REPO / "configs").glob("*.yaml"))
     assert len(configs) >= 5
-    for path in configs:
-        estimate = check_memory(load_config(path), available=24 * GIB)
+    runs = [(path, config) for path in configs
+            for config in (load_reason_config(path).values() if has_reason_section(path) else [load_config(path)])]
+    for path, config in runs:
+        estimate = check_memory(config, available=24 * GIB)
         assert estimate is not None and estimate.fits, path
         assert estimate.peak > 1 * GIB, (path, estimate.summary())  # not trivially small either
 

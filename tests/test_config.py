@@ -92,7 +92,12 @@ def test_relative_data_paths_resolve_from_config_file(tmp_path):
 def test_every_shipped_config_validates():
     configs = sorted((REPO / "configs").rglob("*.yaml"))
     assert configs, "no configs found"
+    from brainforge.config import has_reason_section, load_reason_config
+
     for path in configs:
+        if has_reason_section(path):  # a `brainforge reason` config: each phase validates
+            assert all(isinstance(c, BrainforgeConfig) for c in load_reason_config(path).values()), path
+            continue
         assert isinstance(load_config(path), BrainforgeConfig), path
 
 

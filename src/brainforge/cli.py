@@ -86,6 +86,25 @@ def train(
     _echo(f"Try it:      brainforge generate --adapter {run_dir} \"your prompt\"")
 
 
+@app.command()
+def reason(
+    config: Path = ConfigArg,
+    set_: Optional[List[str]] = SetOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue the latest reason run of this config: finished phases "
+                                "are skipped, an unfinished one continues from its last checkpoint."),
+) -> None:
+    """Two phases in one run folder: reasoning (luffy/exgrpo/hybrid), then search (search_r1) from its adapter."""
+    from brainforge.reasoning.pipeline import run_reason
+
+    run_dir = run_reason(config, set_, resume=resume)
+    _echo(f"\nDone. Outputs in {run_dir}:")
+    for name in ("reason.json", "phase1", "phase2"):
+        _echo(f"  {run_dir / name}")
+    _echo(f"TensorBoard: tensorboard --logdir {run_dir}")
+    _echo(f"Try it:      brainforge ask --adapter {run_dir} \"your question\"")
+    _echo(f"Evaluate:    brainforge eval {config} --adapter {run_dir}")
+
+
 # ------------------------------------------------------------------------------ config / data
 
 
@@ -98,6 +117,13 @@ def config_validate(config: Path = ConfigArg, set_: Optional[List[str]] = SetOpt
 
     from brainforge.training.preflight import preflight
 
+    from brainforge.config import has_reason_section, load_reason_config
+
+    if has_reason_section(config):  # a `brainforge reason` config: each phase as it will run
+        for phase, phase_config in load_reason_config(config, set_).items():
+            typer.echo(f"# ---- {phase} ----\n" + yaml.safe_dump(phase_config.model_dump(mode="json"), sort_keys=False))
+        typer.echo(f"{config}: valid (phase 2's model.adapter_path is set to phase 1's adapter when it runs)")
+        return
     cfg = load_config(config, set_)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     estimate = preflight(cfg)
@@ -220,18 +246,27 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N held-out prompts."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the results as JSON here."),
 ) -> None:
-    """Held-out accuracy (greedy) and pass@k (sampled) for the base model and base + adapter."""
+    """Held-out accuracy (greedy) and pass@k (sampled) for the base model and base + adapter.
+
+    QA configs (search_r1, or answer_match first) report EM, F1, answer rate and, for
+    search_r1, search calls per question, greedy. A `brainforge reason` config is evaluated
+    as its phase 2, and a reason run folder as --adapter means its phase 2 adapter."""
     import json
 
-    from brainforge.config import load_config
-    from brainforge.evaluation import run_eval
+    from brainforge.config import has_reason_section, load_config, load_reason_config
+    from brainforge.evaluation import EvalResult, run_eval
     from brainforge.models.loader import resolve_adapter_dir
+    from brainforge.reasoning.policy import run_folder
 
-    cfg = load_config(config, set_)
+    cfg = load_reason_config(config, set_)["phase2"] if has_reason_section(config) else load_config(config, set_)
     if adapter is not None:
+        adapter = run_folder(adapter)
         resolve_adapter_dir(adapter)  # a damaged adapter fails now, not after the base model's evaluation
     results = run_eval(cfg, adapter, k, limit)
     for result in results:
+        if not isinstance(result, EvalResult):
+            typer.echo(result.summary())
+            continue
         typer.echo(f"{result.model:60} greedy accuracy {result.greedy_accuracy:.3f}   pass@{result.k} {result.pass_at_k:.3f}   "
                    f"({result.prompts} prompts, {result.seconds:.0f}s)")
     if output:

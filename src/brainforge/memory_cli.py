@@ -125,11 +125,22 @@ def ask(
     max_new_tokens: int = typer.Option(256, help="Answer length limit."),
     show_prompt: bool = typer.Option(False, "--show-prompt", help="Print the full system prompt given to the model."),
 ) -> None:
-    """Answer a question from memory: routed, retrieved, with an SOP when one fits, cited."""
+    """Answer a question from memory: routed, retrieved, with an SOP when one fits, cited.
+
+    With `--adapter` of a search policy (a search_r1 run, or a `brainforge reason` run),
+    the policy answers as it was trained: it searches the store itself (its run's
+    memory.store, or --store), greedily, and the searches and the final answer are shown."""
     from brainforge.inference import load_chat_model
     from brainforge.memory.assistant import MemoryAssistant
     from brainforge.memory.store import MemoryStore
 
+    if adapter is not None:
+        from brainforge.reasoning.policy import search_run_config
+
+        search_config = search_run_config(adapter)
+        if search_config is not None:
+            _ask_with_search(question, adapter, search_config, model, store)
+            return
     memory = _memory_config(config, store, overrides)
     memory_store = MemoryStore(memory)
     memory_store.require_existing()  # before loading any model
@@ -148,6 +159,22 @@ def ask(
     else:
         typer.echo("sources: none (retrieval not needed)")
     typer.echo(f"SOP: {context.sop.sop.name} ({context.sop.explain()})" if context.sop else "SOP: none")
+
+
+def _ask_with_search(question: str, adapter: Path, config, model: Optional[str], store: Optional[Path]) -> None:
+    """A search policy answers: its searches, the final answer, and how many searches it made."""
+    import transformers
+
+    from brainforge.reasoning.policy import load_search_policy
+
+    transformers.utils.logging.disable_progress_bar()  # as for every memory command
+    policy = load_search_policy(adapter, config, model, store)
+    (result,) = policy.ask([question])
+    for number, query in enumerate(result.searches, start=1):
+        typer.echo(f"search {number}: {query}")
+    typer.echo(f"\nanswer: {result.answer if result.answer is not None else '(no <answer> given)'}")
+    typer.echo(f"searches: {len(result.searches)} (store {policy.config.memory.store}; rollout ended: {result.log.ended})")
+    typer.echo(f"\n--- transcript ---\n{result.transcript.strip()}")
 
 
 # ------------------------------------------------------------------------------ sop
