@@ -40,7 +40,8 @@ def reason_config(tmp_path: Path, model: Path | str, phase1: dict | None = None,
                 "data": {"source": {"name": "qa:jsonl", "path": str(qa), "type": "prompt", "options": {"test_path": str(qa)}}},
                 "algorithm": {"name": "search_r1", "grpo": {**grpo, "reward_functions": [
                     {"name": "answer_match", "weight": 0.7}, {"name": "tag_order", "weight": 0.2}, {"name": "search_bonus", "weight": 0.1}]},
-                    "search": {"max_search_calls": 1, "max_turn_tokens": 8, "max_observation_tokens": 48, "max_total_tokens": 96}}},
+                    "search": {"max_search_calls": 1, "max_turn_tokens": 8, "max_observation_tokens": 48, "max_total_tokens": 96,
+                               "cold_start": "luffy"}}},
                 phase2 or {}),
         },
     }

@@ -58,10 +58,14 @@ def only_run(tmp_path):
 
 
 def test_search_r1_with_luffy_cold_start_trains_and_logs_every_component(tmp_path, tiny_model_dir, country_store):
-    result = brainforge("train", str(search_config(tmp_path, tiny_model_dir, country_store)))
+    config = search_config(tmp_path, tiny_model_dir, country_store, search={"cold_start": "luffy"},
+                           test_prompts=["What is the capital of Fiji?"])
+    result = brainforge("train", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     run = only_run(tmp_path)
     assert (run / "adapter" / "adapter_model.safetensors").exists()
+    (sample,) = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert sample["prompt"] == "What is the capital of Fiji?" and "searches" in sample and "answer" in sample  # answered by search rollouts
     found = scalars(run)
     for tag in ("reward/answer_match/mean", "reward/tag_order/mean", "reward/search_bonus/mean", "search/calls_mean",
                 "search/answer_rate", "search/invalid_actions_mean", "completion/observation_tokens_mean", "off_policy/samples"):

@@ -240,11 +240,13 @@ def estimate_memory(config: BrainforgeConfig, shape: ModelShape, weight_bytes: i
         settings = config.algorithm.grpo
         sequences = settings.prompts_per_step * settings.num_generations
         prompt = min(config.data.max_seq_length, 1024 if config.memory.enabled else GRPO_PROMPT_TOKENS)
-        length = prompt + settings.max_new_tokens
+        # search_r1: a completion is the whole multi-turn transcript, observations included
+        completion = config.algorithm.search.max_total_tokens if config.algorithm.name == "search_r1" else settings.max_new_tokens
+        length = prompt + completion
         micro = settings.micro_batch_size or sequences
         kv_cache = 2 * shape.layers * shape.kv_heads * shape.head_dim * sequences * length * weight_bytes
         generation = kv_cache + sequences * shape.vocab * 4 * 2
-        completions = micro * settings.max_new_tokens
+        completions = micro * completion
         phases = {"generation (KV cache)": generation, "activations": activations(micro * length, completions),
                   "reference pass": completions * shape.vocab * (weight_bytes + 4) if settings.beta > 0 else 0}
         largest = max(phases, key=lambda name: phases[name])

@@ -144,7 +144,10 @@ def run_grpo(config: BrainforgeConfig, run_dir: Path, checkpoint: Path | None, m
     seconds = time.perf_counter() - started
     if trainer.is_global_zero:
         write_adapter(model, tokenizer, fmt.template, run_dir / "adapter", {**meta, "step": trainer.global_step})
-        write_samples(ChatModel(model, tokenizer), config, run_dir / "samples.jsonl")
+        if module.search is not None:
+            write_search_samples(model, tokenizer, config, module.search.search, run_dir / "samples.jsonl")
+        else:
+            write_samples(ChatModel(model, tokenizer), config, run_dir / "samples.jsonl")
         plot_curves(module.history, run_dir / "reward_kl.png", TITLES[config.algorithm.name])
         write_grpo_metrics(run_dir / "metrics.json", module.history, trainer.global_step, seconds)
     return run_dir
@@ -176,6 +179,22 @@ def build_rl_module(config: BrainforgeConfig, model: Any, tokenizer: Any, chat_t
         module.replay = ExperienceReplay(algorithm.experience, settings.num_generations, replay_signature(config), config.training.seed,
                                          skip_truncated=settings.mask_truncated_completions)
     return module
+
+
+def write_search_samples(model: Any, tokenizer: Any, config: BrainforgeConfig, search: Any, path: Path) -> None:
+    """search_r1's "Test Generation": the test prompts answered as `ask --adapter` answers
+    them, by greedy search rollouts (transcript, searches, answer per question)."""
+    from brainforge.reasoning.policy import answer_with_search
+    from brainforge.reasoning.rollout import search_messages
+
+    questions = config.training.test_prompts
+    model.eval()
+    prompts = [search_messages(q, config.algorithm.search, config.data.system_prompt) for q in questions]
+    answers = answer_with_search(model, tokenizer, config, prompts, search) if questions else []
+    with path.open("w") as handle:
+        for question, (transcript, answer, search_log) in zip(questions, answers):
+            handle.write(json.dumps({"prompt": question, "answer": answer, "searches": search_log.queries,
+                                     "completion": transcript}) + "\n")
 
 
 def build_search_r1_module(config: BrainforgeConfig, model: Any, tokenizer: Any, chat_template: str, inputs: RLInputs,
@@ -287,6 +306,8 @@ def write_grpo_metrics(path: Path, history: list[dict[str, float]], steps: int, 
         values = [r[key] for r in rows if key in r and not math.isnan(r[key])]
         return round(sum(values) / len(values), 4) if values else None
 
+    warmup = [h for h in history if "warmup/nll" in h]
+    history = [h for h in history if "reward/mean" in h]  # RL steps (search_r1's warm-up steps are reported apart)
     head, tail = history[:5], history[-5:]
     metrics = {
         "steps": steps,
@@ -302,4 +323,6 @@ def write_grpo_metrics(path: Path, history: list[dict[str, float]], steps: int, 
         "train_seconds": round(seconds, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
+    if warmup:
+        metrics["warmup"] = {"steps": len(warmup), "nll_first": mean("warmup/nll", warmup[:1]), "nll_last": mean("warmup/nll", warmup[-1:])}
     path.write_text(json.dumps(metrics, indent=2))
