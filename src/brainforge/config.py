@@ -515,15 +515,115 @@ class SearchSettings(StrictModel):
         return self
 
 
-RL_ALGORITHMS = ("grpo", "luffy", "exgrpo", "hybrid", "search_r1")
+
+class PolicyServerSettings(StrictModel):
+    """The OpenAI-compatible policy server (`brainforge serve`, and the one agent training
+    starts in-process for its rollouts)."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind. Loopback by default: anything else exposes the model to the network."""
+    port: int = Field(0, ge=0, le=65535)
+    """Port; 0 picks a free one (agent training), `brainforge serve` defaults to 8000."""
+    api_key_env: str | None = None
+    """Name of an environment variable holding the API key clients must send
+    (`Authorization: Bearer KEY`); unset = no key checked. The key itself never goes in the config."""
+    max_batch_size: int = Field(32, ge=1)
+    """Most sequences (requests x n) decoded together in one batch."""
+    batch_wait_ms: float = Field(10.0, ge=0)
+    """How long the first request of a batch waits for others to join it."""
+    max_tokens: int = Field(256, ge=1)
+    """Completion cap when a request gives no max_tokens (and the most a request may ask for)."""
+    store: str | None = None
+    """SQLite trace store of every call (default: `traces.sqlite` in the run folder for
+    training, `.brainforge/traces.sqlite` for `brainforge serve`)."""
+
+
+class ApoOptimiserSettings(StrictModel):
+    """The model that writes critiques and rewrites for APO."""
+
+    endpoint: str | None = None
+    """Base URL of any OpenAI-compatible API (e.g. `http://localhost:11434/v1`); null = the
+    local policy model through the in-process server."""
+    model: str = "default"
+    """Model name sent to the endpoint."""
+    api_key_env: str | None = None
+    """Environment variable holding the endpoint's API key."""
+    temperature: float = Field(0.7, ge=0)
+    max_tokens: int = Field(384, ge=1)
+
+
+class ApoSettings(StrictModel):
+    """APO: automatic prompt optimisation of `algorithm.agent.system_prompt` by beam search
+    over critiques and rewrites (ALGORITHMS.md section 8). Defaults are Agent Lightning's."""
+
+    beam_width: int = Field(4, ge=1)
+    """Prompts kept after each round."""
+    branch_factor: int = Field(4, ge=1)
+    """Rewrites asked for per prompt in the beam per round."""
+    rounds: int = Field(3, ge=1)
+    critique_batch: int = Field(4, ge=1)
+    """Training rollouts shown to the optimiser per critique (failures first)."""
+    train_batch: int = Field(8, ge=1)
+    """Training tasks a beam prompt is run on per round to find its failures."""
+    validation_batch: int = Field(16, ge=1)
+    """Validation tasks every candidate is scored on (mean reward); selection uses this."""
+    test_batch: int | None = Field(None, ge=1)
+    """Held-out tasks the seed and the winner are scored on (default: all of the test split)."""
+    validation_split: str = "validation"
+    test_split: str = "test"
+    placeholders: list[str] = Field(default_factory=list)
+    """Placeholders (e.g. `{task}`) every candidate must keep; candidates missing one are
+    rejected before evaluation. Default: those in the seed prompt."""
+    optimiser: ApoOptimiserSettings = Field(default_factory=ApoOptimiserSettings)
+
+
+class AgentSettings(StrictModel):
+    """Agent training (agent_grpo, apo, agent_sft): an agent that talks to the policy server
+    through an OpenAI client, run K times per task (ALGORITHMS.md section 8)."""
+
+    function: str | None = "brainforge.agents.tool_agent:solve"
+    """The agent: `package.module:function` or `path/to/file.py:function` (relative to the
+    config file), called as `function(task, client)` or `function(task, client, prompt)` and
+    returning the rollout's reward (a float, or None to score it with
+    `algorithm.grpo.reward_functions`)."""
+    endpoint: str | None = None
+    """Instead of `function`: the URL of an agent service in another process or language.
+    Each rollout is a POST of `{task, rollout_id, base_url, prompt}`; the answer is `{"reward": x}`."""
+    system_prompt: str = (
+        "You are a careful assistant with tools. Use a tool whenever it helps: call it, read its result, "
+        "then reply with only the final answer."
+    )
+    """The prompt handed to the agent (its `prompt` argument); what APO optimises."""
+    timeout_s: float = Field(300.0, gt=0)
+    """A rollout that has not finished by then is marked failed (timeout) and counted; training goes on."""
+    max_concurrency: int = Field(16, ge=1)
+    """Rollouts running at once (their LLM calls are batched by the server)."""
+    min_reward: float = 1.0
+    """agent_sft: a rollout is kept as a training example when its reward is at least this."""
+    sft_rollouts_per_task: int = Field(4, ge=1)
+    """agent_sft: rollouts sampled per training task to find successful trajectories."""
+
+    @model_validator(mode="after")
+    def _one_agent(self) -> "AgentSettings":
+        if (self.function is None) == (self.endpoint is None):
+            raise ValueError("algorithm.agent: give exactly one of function (module:function or file.py:function) or endpoint (URL)")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"algorithm.agent.function: {self.function!r} must look like package.module:function or path/to/file.py:function")
+        return self
+
+
+RL_ALGORITHMS = ("grpo", "luffy", "exgrpo", "hybrid", "search_r1", "agent_grpo")
+AGENT_ALGORITHMS = ("agent_grpo", "apo", "agent_sft")
 
 
 class AlgorithmConfig(StrictModel):
-    name: Literal["sft", "grpo", "luffy", "exgrpo", "hybrid", "search_r1"] = "sft"
+    name: Literal["sft", "grpo", "luffy", "exgrpo", "hybrid", "search_r1", "agent_grpo", "apo", "agent_sft"] = "sft"
     """Training algorithm: sft (supervised), grpo (reinforcement learning with rewards),
     luffy (GRPO + off-policy traces), exgrpo (GRPO + replay of the model's own successes),
     hybrid (luffy and exgrpo together, the seed's flow), search_r1 (GRPO on multi-turn
-    rollouts that search the memory store)."""
+    rollouts that search the memory store), agent_grpo (GRPO on an agent's recorded LLM
+    calls), apo (optimise the agent's prompt, not weights), agent_sft (supervised on the
+    agent's successful trajectories)."""
     grpo: GRPOSettings = Field(default_factory=GRPOSettings)
     """The RL core's settings (used by grpo, luffy, exgrpo and hybrid)."""
     off_policy: OffPolicySettings = Field(default_factory=OffPolicySettings)
@@ -532,10 +632,20 @@ class AlgorithmConfig(StrictModel):
     """The experience buffer (exgrpo, hybrid)."""
     search: SearchSettings = Field(default_factory=SearchSettings)
     """Multi-turn rollouts with search calls (search_r1)."""
+    agent: AgentSettings = Field(default_factory=AgentSettings)
+    """The agent and its rollouts (agent_grpo, apo, agent_sft)."""
+    server: PolicyServerSettings = Field(default_factory=PolicyServerSettings)
+    """The policy server the agent's LLM calls go through (agent_grpo, apo, agent_sft)."""
+    apo: ApoSettings = Field(default_factory=ApoSettings)
+    """Prompt optimisation (apo)."""
 
     @property
     def is_rl(self) -> bool:
         return self.name in RL_ALGORITHMS
+
+    @property
+    def is_agent(self) -> bool:
+        return self.name in AGENT_ALGORITHMS
 
     @model_validator(mode="after")
     def _search_r1_defaults(self) -> "AlgorithmConfig":
