@@ -1,26 +1,38 @@
-"""`brainforge traces show|stats|generate|families`: look at off-policy trace files and make them.
+"""`brainforge traces`: off-policy trace files and the agent trace store.
 
-A trace file is JSONL (see `brainforge.data.traces`). `show` and `stats` validate the file as
-the trainer will (every problem names file:line) and accept the same column mapping as a
-config, so a public layout can be checked before training on it: `--columns prompt=problem
---columns response=solution`. OpenR1-Math rows are recognised without a mapping.
+A trace file is JSONL (see `brainforge.data.traces`). `show FILE` and `stats` validate the
+file as the trainer will (every problem names file:line) and accept the same column mapping
+as a config, so a public layout can be checked before training on it: `--columns
+prompt=problem --columns response=solution`. OpenR1-Math rows are recognised without a mapping.
+
+The trace store (`brainforge.agents.store`, SQLite) holds the rollouts the policy server
+recorded: `list` shows them, `show ROLLOUT_ID` prints one with every LLM call and tool run,
+and `export` writes rollouts as JSONL that the SFT loader and the trace loader both read.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+import time
 from collections import Counter
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
 from brainforge.errors import BrainforgeError
 
-traces_app = typer.Typer(no_args_is_help=True, help="Show, count, generate and list off-policy reasoning traces (JSONL).")
+if TYPE_CHECKING:
+    from brainforge.agents.store import TraceStore
+
+traces_app = typer.Typer(no_args_is_help=True, help="Off-policy trace files (show, stats, generate, families) and the agent "
+                         "trace store of recorded rollouts (list, show ROLLOUT_ID, export).")
 
 TraceFileArg = typer.Argument(..., help="A trace file (.jsonl or .jsonl.gz).", show_default=False)
+StoreOpt = typer.Option(None, "--store", help="The trace store: an SQLite file, or a run folder holding traces.sqlite "
+                        "(default: .brainforge/traces.sqlite, where `brainforge serve` records).", show_default=False)
 ColumnsOpt = typer.Option(None, "--columns", help="Map a trace field to your file's column, e.g. --columns prompt=problem "
                           "(repeatable, or comma-separated). Fields: prompt, prompt_id, response, reward, source, "
                           "logprobs, token_ids, tokenizer.")
@@ -44,12 +56,43 @@ def parse_columns(items: Optional[List[str]]) -> dict[str, str] | None:
 
 @traces_app.command("show")
 def show(
-    path: Path = TraceFileArg,
-    n: int = typer.Option(5, "--n", "-n", min=1, help="How many traces to show, from the top of the file."),
+    target: str = typer.Argument(..., help="A trace file (.jsonl or .jsonl.gz), or a rollout id in the trace store (--store).",
+                                 show_default=False),
+    n: int = typer.Option(5, "--n", "-n", min=1, help="Trace file: how many traces to show, from the top of the file."),
     columns: Optional[List[str]] = ColumnsOpt,
-    max_chars: int = typer.Option(800, "--max-chars", min=20, help="Cut each prompt and response to this many characters."),
+    max_chars: int = typer.Option(800, "--max-chars", min=20, help="Cut each prompt, response and message to this many characters."),
+    store: Optional[Path] = StoreOpt,
 ) -> None:
-    """Print the first traces of a file, readably (the file is validated up to the last one shown)."""
+    """Print the first traces of a file, or one recorded rollout of the trace store.
+
+    A file is validated up to the last trace shown. A rollout is printed with each LLM call's
+    messages, completion and tool calls, the tools it ran and the rewards."""
+    from brainforge.agents.store import resolve_store_path
+
+    if Path(target).is_file():
+        _show_file(Path(target), n, columns, max_chars)
+        return
+    if store is None and not resolve_store_path(None).exists():
+        if _looks_like_a_file(target):
+            _show_file(Path(target), n, columns, max_chars)  # says: no such trace file
+        raise BrainforgeError(f"{target}: no such trace file, and no trace store at {resolve_store_path(None)} to look it "
+                              "up in as a rollout id; give the file's path, or the store with --store PATH")
+    from brainforge.agents.store import UnknownRolloutError
+
+    try:
+        _show_rollout(target, store, max_chars)
+    except UnknownRolloutError as exc:
+        if _looks_like_a_file(target):
+            raise BrainforgeError(f"{target}: no such trace file, nor a rollout id ({exc})") from None
+        raise
+
+
+def _looks_like_a_file(target: str) -> bool:
+    """A missing path (with a folder or a trace-file suffix) is reported as a missing file, not an unknown id."""
+    return "/" in target or target.endswith((".jsonl", ".jsonl.gz", ".json", ".gz"))
+
+
+def _show_file(path: Path, n: int, columns: Optional[List[str]], max_chars: int) -> None:
     from brainforge.data.traces import iter_traces
 
     shown = 0
@@ -69,6 +112,156 @@ def show(
         typer.echo("")
     if shown == 0:
         raise BrainforgeError(f"{path}: contains no traces (the file is empty or has only blank lines)")
+
+
+def _open_store(store: Optional[Path]) -> "TraceStore":
+    from brainforge.agents.store import TraceStore, resolve_store_path
+
+    return TraceStore(resolve_store_path(store), create=False)
+
+
+def _show_rollout(rollout_id: str, store: Optional[Path], max_chars: int) -> None:
+    with _open_store(store) as opened:
+        rollout = opened.get_rollout(rollout_id)
+    facts = [f"status={rollout.status}", f"reward={_num(rollout.reward)}", f"calls={len(rollout.calls)}",
+             f"task={rollout.task_id or '-'}", f"group={rollout.group_id or '-'}", f"started={_when(rollout.created)}"]
+    if rollout.finished is not None:
+        facts.append(f"took={rollout.finished - rollout.created:.1f}s")
+    typer.echo(f"rollout {rollout.rollout_id}  {'  '.join(facts)}")
+    if rollout.error:
+        typer.echo("  error: " + _indent(_cut(rollout.error, max_chars)))
+    if rollout.task is not None:
+        typer.echo("  task: " + _indent(_cut(json.dumps(rollout.task, ensure_ascii=False), max_chars)))
+    if rollout.metadata:
+        typer.echo("  metadata: " + _cut(json.dumps(rollout.metadata, ensure_ascii=False), max_chars))
+    events: dict[int | None, list] = {}
+    for event in rollout.tool_events:
+        events.setdefault(event.call_index, []).append(event)
+    previous: list[dict] = []
+    previous_index: int | None = None
+    for call in rollout.calls:
+        typer.echo("")
+        typer.echo(f"call {call.index}  finish={call.finish_reason}  reward={_num(call.reward)}  "
+                   f"prompt={len(call.prompt_ids)} tokens  completion={len(call.completion_ids)} tokens  "
+                   f"policy={call.policy_version or '-'}  params={json.dumps(call.params, ensure_ascii=False)}")
+        if call.tools:
+            names = [t.get("function", {}).get("name", "?") for t in call.tools if isinstance(t, dict)]
+            typer.echo(f"  tools: {', '.join(str(n) for n in names)}")
+        shared = _shared_prefix(previous, call.messages)
+        if shared:
+            typer.echo(f"  ({shared} earlier messages as in call {previous_index})")
+        for message in call.messages[shared:]:
+            typer.echo(f"  [{message.get('role', '?')}] " + _indent(_cut(_message_text(message), max_chars)))
+        previous, previous_index = call.messages, call.index
+        typer.echo("  => completion: " + _indent(_cut(call.text, max_chars)))
+        for tool_call in call.tool_calls:
+            function = tool_call.get("function", {})
+            typer.echo(f"  => tool call {function.get('name')}({_cut(str(function.get('arguments')), max_chars)})")
+        for event in events.pop(call.index, []):
+            _echo_event(event, max_chars)
+    for leftover in events.values():  # tool runs not tied to a recorded call
+        for event in leftover:
+            _echo_event(event, max_chars)
+
+
+def _shared_prefix(earlier: list[dict], messages: list[dict]) -> int:
+    """How many leading messages a call repeats from the one before (agents resend the history)."""
+    count = 0
+    for a, b in zip(earlier, messages):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+def _echo_event(event, max_chars: int) -> None:
+    arguments = event.arguments if isinstance(event.arguments, str) else json.dumps(event.arguments, ensure_ascii=False)
+    where = "" if event.call_index is None else f" (call {event.call_index})"
+    typer.echo(f"  tool {event.name}{where}: {_cut(arguments, max_chars)}")
+    typer.echo("    -> " + _indent(_cut(event.output, max_chars)))
+    if event.error:
+        typer.echo("    error: " + _indent(_cut(event.error, max_chars)))
+
+
+def _message_text(message: dict) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    text = "" if content is None else str(content)
+    for call in message.get("tool_calls") or []:
+        function = call.get("function", {}) if isinstance(call, dict) else {}
+        text += f"\n<tool call {function.get('name')}({function.get('arguments')})>"
+    return text.strip()
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _age(timestamp: float, now: float) -> str:
+    seconds = max(0.0, now - timestamp)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@traces_app.command("list")
+def list_rollouts(
+    store: Optional[Path] = StoreOpt,
+    status: Optional[str] = typer.Option(None, "--status", help="Only rollouts with this status: running, succeeded, failed, timeout."),
+    group: Optional[str] = typer.Option(None, "--group", help="Only rollouts of this group (one task at one training step)."),
+    limit: int = typer.Option(50, "--limit", min=1, help="Show at most this many, newest first."),
+) -> None:
+    """The rollouts in a trace store, newest first (see one with `brainforge traces show ID`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with _open_store(store) as opened:
+        rollouts = opened.list_rollouts(status=status, group_id=group, limit=limit, newest_first=True)
+        total = opened.count_rollouts()
+    if not rollouts:
+        typer.echo(f"no rollouts in {opened.path}" + (" match" if status or group else ""))
+        return
+    now = time.time()
+    typer.echo(f"{opened.path}: {len(rollouts)} of {total} rollouts, newest first")
+    table = Table()
+    for name, justify in (("id", "left"), ("task", "left"), ("group", "left"), ("status", "left"), ("reward", "right"),
+                          ("calls", "right"), ("age", "right")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for rollout in rollouts:
+        table.add_row(rollout.rollout_id, rollout.task_id or "-", rollout.group_id or "-", rollout.status,
+                      _num(rollout.reward), str(rollout.num_calls), _age(rollout.created, now))
+    Console(width=max(100, Console().width)).print(table)
+
+
+@traces_app.command("export")
+def export(
+    store: Optional[Path] = StoreOpt,
+    format: str = typer.Option("jsonl", "--format", help="Output format (jsonl)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The file to write.", show_default=False),
+    min_reward: Optional[float] = typer.Option(None, "--min-reward", help="Only rollouts whose reward is at least this "
+                                               "(rollouts without a reward are left out)."),
+    status: Optional[str] = typer.Option(None, "--status", help="Only rollouts with this status, e.g. succeeded."),
+    group: Optional[str] = typer.Option(None, "--group", help="Only rollouts of this group."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+) -> None:
+    """Write rollouts of the trace store as JSONL for SFT and for LUFFY, one line per rollout.
+
+    Each line has `messages` (the whole trajectory as a chat, tool calls and results included:
+    a `type: chat` source), `prompt`, `response`, `reward` and the final call's `token_ids`,
+    `logprobs` and `tokenizer` (an off-policy trace file), plus `rollout_id` and `task_id`."""
+    from brainforge.agents.export import export_jsonl
+
+    if format != "jsonl":
+        raise BrainforgeError(f"--format {format}: only jsonl is supported")
+    with _open_store(store) as opened:
+        report = export_jsonl(opened, out, status=status, group_id=group, min_reward=min_reward, force=force)
+    typer.echo(report.summary())
 
 
 def _cut(text: str, limit: int) -> str:
