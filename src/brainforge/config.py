@@ -1027,6 +1027,14 @@ def _resolve_paths(config: BrainforgeConfig, path: str | Path) -> BrainforgeConf
         if isinstance(test_path, str) and test_path.strip() and not Path(test_path).is_absolute():
             source.options["test_path"] = str((base / test_path).resolve())
     resolve_memory_paths(config.memory, base)
+    agent = config.algorithm.agent
+    if agent.function is not None:
+        target, _, attribute = agent.function.rpartition(":")
+        if target.endswith(".py") and not Path(target).is_absolute():
+            agent.function = f"{(base / target).resolve()}:{attribute}"
+    server = config.algorithm.server
+    if server.store is not None and not Path(server.store).is_absolute():
+        server.store = str((base / server.store).resolve())
     if config.model.adapter_path and not Path(config.model.adapter_path).is_absolute():
         candidate = base / config.model.adapter_path
         if candidate.exists():

@@ -128,7 +128,7 @@ def run_grpo(config: BrainforgeConfig, run_dir: Path, checkpoint: Path | None, m
             model.load_adapter(settings.reference_adapter, adapter_name="reference", is_trainable=False)
         model.set_adapter("default")  # the reference's modules stay in eval mode; its passes run in eval mode anyway
     total_steps = planned_grpo_steps(config, len(prompts))
-    module = build_rl_module(config, model, tokenizer, fmt.template, inputs, total_steps)
+    module = build_rl_module(config, model, tokenizer, fmt.template, inputs, total_steps, run_dir)
     datamodule = PromptDataModule(prompts, settings.prompts_per_step, config.data.num_workers,
                                   retired=module.replay.buffer.is_retired if module.replay is not None else None, seed=config.training.seed)
     meta = {"model": config.model.name_or_path, "output_format": config.datasets.output_format, "algorithm": config.algorithm.name}
@@ -154,10 +154,16 @@ def run_grpo(config: BrainforgeConfig, run_dir: Path, checkpoint: Path | None, m
 
 
 def build_rl_module(config: BrainforgeConfig, model: Any, tokenizer: Any, chat_template: str, inputs: RLInputs,
-                    total_steps: int) -> GRPOModule:
-    """The one RL core, with LUFFY's trace slots and/or ExGRPO's replay plugged in."""
+                    total_steps: int, run_dir: Path | None = None) -> GRPOModule:
+    """The one RL core, with LUFFY's trace slots and/or ExGRPO's replay plugged in, or fed
+    by an agent's recorded calls (agent_grpo; its trace store lives in `run_dir`)."""
     algorithm = config.algorithm
     settings = algorithm.grpo
+    if algorithm.name == "agent_grpo":
+        from brainforge.agents.run import build_agent_grpo_module
+
+        assert run_dir is not None
+        return build_agent_grpo_module(config, model, tokenizer, chat_template, total_steps, run_dir)
     if algorithm.name == "grpo":
         return GRPOModule(model, tokenizer, chat_template, settings, config.training, total_steps)
     if algorithm.name == "search_r1":
@@ -265,7 +271,8 @@ def planned_grpo_steps(config: BrainforgeConfig, num_prompts: int) -> int:
     return config.training.num_epochs * (num_prompts // settings.prompts_per_step)
 
 
-TITLES = {"grpo": "GRPO", "luffy": "LUFFY", "exgrpo": "ExGRPO", "hybrid": "LUFFY + ExGRPO", "search_r1": "Search-R1"}
+TITLES = {"grpo": "GRPO", "luffy": "LUFFY", "exgrpo": "ExGRPO", "hybrid": "LUFFY + ExGRPO", "search_r1": "Search-R1",
+          "agent_grpo": "Agent GRPO"}
 
 
 def plot_curves(history: list[dict[str, float]], path: Path, title: str = "GRPO") -> None:
@@ -317,12 +324,16 @@ def write_grpo_metrics(path: Path, history: list[dict[str, float]], steps: int, 
         "completion_length_mean": mean("completion/length_mean", history),
         "seconds_per_step": mean("time/step_s", history),
         "seconds_per_step_by_phase": {k.removeprefix("time/").removesuffix("_s"): mean(k, history)
-                                      for k in ("time/plan_s", "time/generation_s", "time/rewards_s", "time/reference_s", "time/loss_s",
+                                      for k in ("time/plan_s", "time/rollouts_s", "time/generation_s", "time/rewards_s", "time/reference_s", "time/loss_s",
                                                 "time/optimizer_s", "time/remember_s")},
         "completion_tokens_per_s": mean("tokens_per_s/step", history),
         "train_seconds": round(seconds, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
+    if any("agent/success_rate" in h for h in history):
+        metrics["agent"] = {"success_first5": mean("agent/success_rate", head), "success_last5": mean("agent/success_rate", tail),
+                            "calls_per_rollout": mean("agent/calls_per_rollout", history),
+                            "failed_or_timed_out": history[-1].get("agent/failed_total") if history else None}
     if warmup:
         metrics["warmup"] = {"steps": len(warmup), "nll_first": mean("warmup/nll", warmup[:1]), "nll_last": mean("warmup/nll", warmup[-1:])}
     path.write_text(json.dumps(metrics, indent=2))

@@ -65,7 +65,19 @@ def _train(config: BrainforgeConfig, config_path: Path, resume: bool) -> Path:
         inputs = prepare_rl_inputs(config, config_path)  # prompts, traces and store are checked before the model loads
         model, tokenizer = load_policy(config)
         return run_grpo(config, run_dir, checkpoint, model, tokenizer, inputs)
+    if config.algorithm.name == "apo":
+        from brainforge.agents.run import run_apo_job
+
+        if resume:
+            raise BrainforgeError("--resume: apo does not resume; its apo.json keeps every completed round. Start a new run")
+        dump_config(config, run_dir / "config.yaml")
+        model, tokenizer = load_policy(config)
+        return run_apo_job(config, run_dir, model, tokenizer)
     model, tokenizer = load_policy(config)
+    if config.algorithm.name == "agent_sft":  # sample the agent's successes, then train on them as below
+        from brainforge.agents.sft import collect_sft_data
+
+        config = collect_sft_data(config, run_dir, model, tokenizer, reuse=resume)
 
     data = prepare_sft_data(config, tokenizer)
     datamodule = SFTDataModule(data, config, pad_id=tokenizer.pad_token_id)
