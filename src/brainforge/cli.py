@@ -304,6 +304,10 @@ from brainforge.qa_cli import qa_app  # noqa: E402  (typer functions; heavy impo
 
 app.add_typer(qa_app, name="qa")
 
+from brainforge.agents.serve_cli import serve  # noqa: E402  (a typer function; heavy imports happen inside it)
+
+app.command()(serve)
+
 
 def main() -> None:
     try:
