@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from brainforge.agents.chat_format import (RequestError, encode_prompt, lower_messages, parse_tool_calls,
-                                           validate_tools)
+                                           tool_role_for, validate_tools)
+from brainforge.data.templates import ALPACA_TEMPLATE
 from brainforge.agents.server import PolicyServer
 from brainforge.agents.store import TraceStore
 from brainforge.config import PolicyServerSettings
@@ -101,7 +102,10 @@ def test_request_messages_render_tools_calls_and_results_in_one_text_form():
                 {"role": "assistant", "content": None, "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "3"},
                 {"role": "tool", "tool_call_id": "call_2", "content": "ok"}]
-    turns = lower_messages(messages, tools)
+    assert [t["role"] for t in lower_messages(messages, tools)][3:] == ["tool", "tool"]  # one tool turn per result (ChatML)
+    assert [t["content"] for t in lower_messages(messages, tools)][3:] == ["3", "ok"]
+    assert tool_role_for("{{ '<|im_start|>' + message['role'] }}") == "tool" and tool_role_for(ALPACA_TEMPLATE) == "user"
+    turns = lower_messages(messages, tools, tool_role="user")  # templates that cannot write a tool turn
     assert [t["role"] for t in turns] == ["system", "user", "assistant", "user"]
     assert '"name": "add"' in turns[0]["content"] and "<tool_call>" in turns[0]["content"]  # created, with the how-to
     assert turns[1]["content"] == "What is 1+2?"
@@ -189,7 +193,7 @@ def test_tools_and_tool_messages_render_into_the_prompt_and_are_recorded(client,
                                               extra_body={"return_token_ids": True}, extra_headers={"X-Rollout-Id": "tools-1"})
     prompt = tokenizer.decode(response.to_dict()["prompt_token_ids"])
     assert '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>' in prompt
-    assert "<tool_response>\n3\n</tool_response>" in prompt and '"description": "Add two integers."' in prompt
+    assert "<|im_start|>tool\n3<|im_end|>" in prompt and '"description": "Add two integers."' in prompt
     [record] = store.calls("tools-1")
     assert record.tools == [ADD_TOOL] and record.messages == messages
     assert "</tool_call>" not in record.params["stop"]  # the server's own stop string is not the user's

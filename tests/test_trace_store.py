@@ -464,10 +464,10 @@ def test_export_loads_in_the_sft_loader_and_the_trace_loader(tmp_path):
         good, "mul-1", 1.0, "What is 17 * 23?", "17 * 23 = 391")
     assert (row["token_ids"], row["logprobs"], row["tokenizer"]) == ([9, 10, 11], [-0.25, -1e-9, -0.0], "151665:0123456789abcdef")
     roles = [m["role"] for m in row["messages"]]
-    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    assert roles == ["system", "user", "assistant", "tool", "assistant"]
     assert "calculator" in row["messages"][0]["content"] and row["messages"][0]["content"].startswith("Use tools.")
     assert '<tool_call>{"name": "calculator", "arguments": {"expression": "17*23"}}</tool_call>' == row["messages"][2]["content"]
-    assert row["messages"][3]["content"] == "<tool_response>\n391\n</tool_response>"
+    assert row["messages"][3]["content"] == "391"
     assert row["messages"][4] == {"role": "assistant", "content": "17 * 23 = 391"}
 
     # SFT: `type: chat`, no column mapping

@@ -10,9 +10,10 @@ form that small instruction-tuned models have seen most:
 * an assistant message's `tool_calls` become `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
   lines after its text, exactly the form the model is told to write, so a trajectory
   re-sent by an agent renders the same text the model produced;
-* `tool` messages become a *user* turn holding `<tool_response>...</tool_response>` (several
-  tool results in a row share one user turn), since chat templates without a tool role
-  would reject or drop them;
+* `tool` messages become `tool` turns when the template writes any role it is given (ChatML,
+  SmolLM2's own), otherwise a *user* turn holding `<tool_response>...</tool_response>` blocks
+  (several results in a row share it), since such templates would drop or mis-render a tool
+  role (see `tool_role_for`);
 
 and the chat template (the one saved with the adapter) renders those turns. The reverse,
 `parse_tool_calls`, turns the model's `<tool_call>` blocks back into OpenAI `tool_calls`.
@@ -137,7 +138,7 @@ def tool_instructions(tools: list[ToolSpec], tool_choice: Any = None) -> str:
             f"<tools>\n{listing}\n</tools>\n"
             "To call a tool, write exactly\n"
             f"{TOOL_CALL_OPEN}{{\"name\": \"<tool name>\", \"arguments\": {{<arguments as JSON>}}}}{TOOL_CALL_CLOSE}\n"
-            "and stop; the result comes back in <tool_response></tool_response>. "
+            "and stop; the result comes back in the next turn. "
             "When you have the answer, reply in plain text.")
     if tool_choice == "required":
         text += "\nYou must call a tool."
@@ -146,9 +147,26 @@ def tool_instructions(tools: list[ToolSpec], tool_choice: Any = None) -> str:
     return text
 
 
-def lower_messages(messages: Any, tools: list[ToolSpec], tool_choice: Any = None) -> list[dict[str, str]]:
+def tool_role_for(chat_template: str) -> str:
+    """Where tool results go: their own `tool` turn when the template writes any role name
+    it is given (ChatML and SmolLM2's own do), else a user turn in <tool_response> tags.
+
+    Why not always the user turn: measured with the default 135M model and three worked
+    examples in the conversation, a result shown as a user turn made it answer with a
+    `<tool_response>` of its own in about 40% of samples instead of calling the tool; as a
+    `tool` turn it called the tool in 24 of 24."""
+    return "tool" if _WRITES_ROLE.search(chat_template) else "user"
+
+
+_ROLE = r"message\[['\"]role['\"]\]"
+_WRITES_ROLE = re.compile(rf"\+\s*{_ROLE}|{_ROLE}\s*\+|\{{\{{\s*{_ROLE}")
+"""A template that outputs the role name (`'<|im_start|>' + message['role']`), not one that only compares it."""
+
+
+def lower_messages(messages: Any, tools: list[ToolSpec], tool_choice: Any = None, tool_role: str = "tool") -> list[dict[str, str]]:
     """OpenAI messages (+ tools) as plain `{"role", "content"}` turns any chat template
-    renders (module docstring). `developer` is treated as `system`."""
+    renders (module docstring). `developer` is treated as `system`; tool results become
+    `tool` turns, or with `tool_role="user"` a user turn of <tool_response> blocks."""
     if not isinstance(messages, list):
         raise RequestError("messages must be a list of message objects", param="messages")
     if not messages:
@@ -169,6 +187,8 @@ def lower_messages(messages: Any, tools: list[ToolSpec], tool_choice: Any = None
             parts = [text] if text else []
             parts += [_tool_call_text(call, f"{where}.tool_calls[{j}]") for j, call in enumerate(calls)]
             turns.append({"role": "assistant", "content": "\n".join(parts)})
+        elif role == "tool" and tool_role == "tool":
+            turns.append({"role": "tool", "content": text_content(message.get("content"), f"{where}.content")})
         elif role == "tool":
             block = f"<tool_response>\n{text_content(message.get('content'), f'{where}.content')}\n</tool_response>"
             if i > 0 and messages[i - 1].get("role") == "tool":  # results of one turn's calls share a user turn
@@ -192,7 +212,7 @@ def encode_prompt(tokenizer: Any, chat_template: str, messages: Any, tools: list
     """Prompt token ids of a request: lowered turns, rendered with `chat_template` and the
     assistant generation prompt, tokenised without extra special tokens (the template
     writes its own)."""
-    turns = lower_messages(messages, tools, tool_choice)
+    turns = lower_messages(messages, tools, tool_choice, tool_role_for(chat_template))
     try:
         text = tokenizer.apply_chat_template(turns, chat_template=chat_template, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # a template's own raise_exception (e.g. roles must alternate) is the client's to fix

@@ -4,8 +4,8 @@ SFT loader (`type: chat`, a `messages` column) and the off-policy trace loader (
 
 `messages` is the whole trajectory as the model saw it: the last call's request messages
 lowered by the policy server's own `lower_messages` (tool list in the system message,
-assistant tool calls as `<tool_call>` blocks, tool results as user turns holding
-`<tool_response>`), then the final completion as the last assistant turn. SFT on it therefore
+assistant tool calls as `<tool_call>` blocks, tool results as `tool` turns, as the default
+ChatML template shows them), then the final completion as the last assistant turn. SFT on it therefore
 trains exactly the text form the server shows the model and parses back (rejection-sampling
 fine-tuning, issue 12 item 6).
 """

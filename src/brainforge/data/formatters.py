@@ -15,7 +15,7 @@ from typing import Any, Callable
 from brainforge.errors import DataError
 
 Message = dict[str, str]
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: an agent trajectory's tool results (brainforge traces export)
 TEXT_FIELDS = ("prompt", "response", "system", "instruction", "input", "output", "query")
 """Fields that must hold text. A list, mapping or boolean there is refused rather than
 trained as its Python repr (`['a', 'b']`); numbers are refused too, except from CSV files,
