@@ -283,3 +283,18 @@ with interrupt_guard("resume hint here", grace_s=float(sys.argv[2])):
         output = log_path.read_text()
         assert proc.returncode == 130, output
         assert ("second interrupt" if second_signal else "shutdown took over 3 s") in output and "resume hint here" in output
+
+
+def test_max_minutes_ends_the_run_with_every_output(tmp_path, tiny_model_dir):
+    """training.max_minutes stops a run long before max_steps; the run still writes its adapter
+    and metrics, as after max_steps."""
+    import json
+
+    config = write_config(tmp_path / "budget.yaml", tiny_model_dir, training={"max_steps": 500, "max_minutes": 0.0005,
+                                                                               "save_every_n_steps": 100})
+    result = brainforge("train", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = run_dirs(tmp_path)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    steps = json.loads((run / "metrics.json").read_text())["steps"]
+    assert 1 <= steps < 500

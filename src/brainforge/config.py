@@ -178,6 +178,9 @@ class TrainingConfig(StrictModel):
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps to run (GRPO: rollout batches, see `algorithm.grpo.num_iterations`).
     One of `num_epochs` / `max_steps` is required."""
+    max_minutes: float | None = Field(None, gt=0)
+    """Wall-clock budget: training stops after the step during which it runs out (the
+    adapter, samples and metrics are written as after `max_steps`). Either limit may end it first."""
     per_device_batch_size: int = Field(4, gt=0)
     """Examples (or packed rows) per micro-batch on each device. SFT only: GRPO sizes its
     batches with `algorithm.grpo.prompts_per_step` and `micro_batch_size`."""

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +208,7 @@ def build_trainer(config: BrainforgeConfig, run_dir: Path, total_steps: int, che
             precision="32-true",  # weights keep the dtype we loaded them in; adapters train in fp32
             max_steps=total_steps,
             max_epochs=-1,
+            max_time=timedelta(minutes=config.training.max_minutes) if config.training.max_minutes else None,
             logger=loggers or False,
             callbacks=callbacks,
             enable_checkpointing=False,
