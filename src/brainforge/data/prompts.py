@@ -13,6 +13,8 @@ Sources:
 * `qa:countries` and `qa:jsonl`: questions with lists of gold answers for Search-R1 (see
   `brainforge.data.qa`): country facts from `countryinfo` split by country, or an NQ /
   HotpotQA-style JSONL file (`path:`, and `options.test_path` for `split: test`).
+* `agent:tools`: the bundled tool-use tasks (`brainforge.agents.tasks`), splits train /
+  validation / test, with `answer`, `tools`, `root`, `kind` and `task_id` columns.
 * local files (`type: prompt`): a `prompt` column (or `messages`), and any other columns,
   passed to rewards as keyword lists (`answer`, `tests`, ...).
 """
@@ -32,6 +34,7 @@ REASONING_GYM = "reasoning_gym:"
 HUMANEVAL = "humaneval"
 QA_COUNTRIES = "qa:countries"
 QA_JSONL = "qa:jsonl"
+AGENT = "agent:"
 
 
 @dataclass
@@ -67,6 +70,10 @@ def _load_source(source: SourceConfig, split: str) -> list[PromptExample]:
         return reasoning_gym_prompts(name.removeprefix(REASONING_GYM), dict(source.options), split)
     if name == HUMANEVAL:
         return humaneval_prompts(split, _int_option(dict(source.options), "eval_size", 32, HUMANEVAL))
+    if name.startswith(AGENT):
+        from brainforge.agents.tasks import agent_prompts
+
+        return agent_prompts(name.removeprefix(AGENT), dict(source.options), split)
     if name in (QA_COUNTRIES, QA_JSONL):
         from brainforge.data import qa
 

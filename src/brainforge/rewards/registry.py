@@ -16,6 +16,7 @@ RewardFunction = Callable[..., list]
 
 
 def _builtin() -> dict[str, RewardFunction]:
+    from brainforge.agents.tasks import agent_task_reward
     from brainforge.rewards import correctness, search_r1, seed
     from brainforge.rewards.code_execution import code_execution
 
@@ -30,6 +31,7 @@ def _builtin() -> dict[str, RewardFunction]:
         "tag_order": search_r1.tag_order,
         "search_bonus": search_r1.search_bonus,
         "search_r1_format": search_r1.search_r1_format,
+        "agent_task": agent_task_reward,
     }
 
 

@@ -40,5 +40,9 @@ _BUILTIN: dict[str, Tool] = {
         Tool("send_email", "Send an email", {"to": {"type": "string"}, "subject": {"type": "string"}, "body": {"type": "string"}}),
         Tool("convert_currency", "Convert an amount between currencies", {"amount": {"type": "number"}, "from": {"type": "string"}, "to": {"type": "string"}}),
         Tool("search_knowledge", "Search the user's knowledge base", {"query": {"type": "string"}}),
+        # The runnable built-in tools of `brainforge.agents.tools` (calculator is above).
+        Tool("python", "Run a short Python program and return what it prints", {"code": {"type": "string"}}),
+        Tool("read_file", "Read a text file under the working folder", {"path": {"type": "string"}}),
+        Tool("memory_search", "Search the document store", {"query": {"type": "string"}, "top_k": {"type": "integer"}}),
     )
 }
