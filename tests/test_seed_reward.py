@@ -82,3 +82,67 @@ def test_a_fence_followed_by_blanks_does_not_stall_the_reward():
     assert CODE_BLOCK.findall("```" + " " * 200_000) == []
     assert time.process_time() - started < 5  # linear: ~0.03 s; the old pattern needed ~100 s
     assert CODE_BLOCK.findall("```python \nx = 1\n``` ```\ny\n```") == ["x = 1\n", "y\n"]
+
+
+# -- the OpenAI tool_calls layout (issue 12): arguments arrive as a JSON *string* ----------------
+def _openai_call(name, arguments):
+    import json
+
+    return json.dumps({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": name, "arguments": arguments}}]})
+
+
+def test_openai_tool_calls_layout_scores_like_the_native_form():
+    # valid JSON +0.3, name + arguments +0.2, tool exists +0.2 (the diagram's values)
+    assert function_calling_score("", _openai_call("get_weather", '{"city": "Oslo"}')) == pytest.approx(0.7)
+    # unknown tool: +0.3 +0.2 -0.2
+    assert function_calling_score("", _openai_call("teleport", "{}")) == pytest.approx(0.3)
+    # the built-in agent tools are known to the registry
+    assert function_calling_score("", _openai_call("read_file", '{"path": "a.txt"}')) == pytest.approx(0.7)
+
+
+def test_a_bare_function_object_with_string_arguments():
+    bare = '{"function": {"name": "calculator", "arguments": "{\\"expression\\": \\"2 * 3\\"}"}}'
+    assert function_calling_score("", bare) == pytest.approx(0.7)
+
+
+def test_string_arguments_that_are_not_json_are_json_invalid():
+    assert function_calling_score("", _openai_call("get_weather", "city=Oslo")) == pytest.approx(-0.3)
+    bare = '<function_call>{"name": "calculator", "arguments": "2 * (3"}</function_call>'
+    assert function_calling_score("", bare) == pytest.approx(-0.3)
+
+
+def test_tool_call_blocks_as_the_policy_server_prompts_them():
+    call = 'Let me compute. <tool_call>{"name": "calculator", "arguments": {"expression": "4821 * 377"}}</tool_call>'
+    assert function_calling_score("", call) == pytest.approx(0.7)
+    assert function_calling_score("", "<tool_call>{not json}</tool_call> {\"a\": 1}") == pytest.approx(-0.3)
+
+
+def test_tools_declared_in_the_openai_layout_in_the_prompt_count_as_existing():
+    prompt = 'Use a tool. Tools: [{"type": "function", "function": {"name": "book_flight", "parameters": {}}}]'
+    assert function_calling_score(prompt, _openai_call("book_flight", "{}")) == pytest.approx(0.7)
+
+
+def test_repeated_unclosed_call_tags_do_not_stall_the_reward():
+    """A lazy `<tag>(.*?)</tag>` regex rescans to the end from every unclosed opening tag:
+    20,000 of them took about a minute. The block is now found in linear time."""
+    import time
+
+    started = time.process_time()
+    for tag in ("<tool_call>", "<function_call>"):
+        assert function_calling_score("", tag * 20_000) == pytest.approx(-0.3)
+    assert time.process_time() - started < 5
+    # the first complete block wins, whichever tag it uses
+    both = '<tool_call>{"name": "calculator", "arguments": {}}</tool_call><function_call>{oops}</function_call>'
+    assert function_calling_score("", both) == pytest.approx(0.7)
+    unclosed_first = '<function_call> <tool_call>{"name": "calculator", "arguments": {}}</tool_call>'
+    assert function_calling_score("", unclosed_first) == pytest.approx(0.7)
+
+
+def test_deeply_nested_json_is_invalid_not_a_crash():
+    """json.loads raises RecursionError (not JSONDecodeError) on deep nesting; the reward
+    raised with it, which stops training on one completion."""
+    deep = '{"a": ' * 5000 + "1" + "}" * 5000
+    assert function_calling_score("", deep) == pytest.approx(-0.3)
+    nested_args = _openai_call("calculator", "[" * 5000 + "]" * 5000)
+    assert function_calling_score("", nested_args) == pytest.approx(-0.3)

@@ -7,9 +7,12 @@ it is chat. Each branch adds the diagram's increments, the sum is clamped to [-1
 Coding (the code is the completion's fenced blocks, or the whole completion if it has none):
     syntax valid +0.3 / invalid -0.3; has a docstring +0.1; has type hints +0.1;
     code length 50-2000 chars +0.1, under 20 chars -0.2.
-Function calling (the call is the first `<function_call>{...}</function_call>` block, or
-the first JSON object in the completion):
-    JSON valid +0.3 / invalid or absent -0.3; has "name" and "arguments" +0.2;
+Function calling (the call is the first `<function_call>{...}</function_call>` or
+`<tool_call>{...}</tool_call>` block, or the first JSON object in the completion; the OpenAI
+layouts `{"tool_calls": [{"function": {...}}]}` and `{"function": {...}}` count as the call
+inside them, and arguments given as a JSON string, as OpenAI sends them, are parsed):
+    JSON valid +0.3 / invalid or absent -0.3 (string arguments that are not JSON are
+    invalid JSON); has "name" and "arguments" +0.2;
     the named tool exists +0.2 / does not -0.2. "Exists" means registered in
     `rewards.tools` or declared in the prompt's own tool list.
 Chat:
@@ -29,7 +32,7 @@ from typing import Any
 from brainforge.rewards.tools import get_tool
 
 CODE_BLOCK = re.compile(r"```[ \t]*(?:[\w+-]+[ \t]*)?\n(.*?)```", re.DOTALL)  # linear: no two adjacent blank runs
-CALL_BLOCK = re.compile(r"<function_call>(.*?)</function_call>", re.DOTALL)
+CALL_TAGS = ("function_call", "tool_call")
 WORD = re.compile(r"[a-zA-Z][a-zA-Z']+")
 STOP_WORDS = frozenset(
     "the and for are but not you all any can her was one our out has have had him his how its may new now "
@@ -105,14 +108,47 @@ def function_calling_score(prompt: str, completion: str) -> float:
 
 
 def _parse_call(completion: str) -> Any:
-    match = CALL_BLOCK.search(completion)
-    candidates = [match.group(1)] if match else _json_objects(completion)
+    block = _call_block(completion)
+    candidates = [block] if block is not None else _json_objects(completion)
     for text in candidates:
         try:
-            return json.loads(text)
-        except json.JSONDecodeError:
+            return _normalise_call(json.loads(text))
+        except (json.JSONDecodeError, RecursionError):  # deep nesting is not a call either
             continue
     return None
+
+
+def _call_block(text: str) -> str | None:
+    """The body of the first complete `<function_call>` or `<tool_call>` block. Found with
+    two `str.find`s per tag, linear in the text: a lazy regex rescans to the end from every
+    unclosed opening tag, quadratic on a completion that repeats the tag."""
+    found: tuple[int, str] | None = None
+    for tag in CALL_TAGS:
+        opening, closing = f"<{tag}>", f"</{tag}>"
+        start = text.find(opening)
+        if start < 0:
+            continue
+        end = text.find(closing, start + len(opening))
+        if end >= 0 and (found is None or start < found[0]):
+            found = (start, text[start + len(opening) : end])
+    return None if found is None else found[1]
+
+
+def _normalise_call(value: Any) -> Any:
+    """The `{"name", "arguments"}` call inside the OpenAI layouts (a message's first
+    `tool_calls` entry, or a bare `{"function": {...}}`), with string arguments parsed.
+    Raises JSONDecodeError when the arguments string is not JSON."""
+    if not isinstance(value, dict):
+        return value
+    calls = value.get("tool_calls")
+    if isinstance(calls, list) and calls and isinstance(calls[0], dict):
+        value = calls[0]
+    if isinstance(value.get("function"), dict):
+        value = value["function"]
+    arguments = value.get("arguments")
+    if isinstance(arguments, str):
+        value = {**value, "arguments": json.loads(arguments)}
+    return value
 
 
 def _json_objects(text: str) -> list[str]:
@@ -138,6 +174,8 @@ def _prompt_tools(prompt: str) -> set[str]:
         except json.JSONDecodeError:
             continue
         for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict) and isinstance(item.get("function"), dict):
+                item = item["function"]  # the OpenAI tools layout
             if isinstance(item, dict) and isinstance(item.get("name"), str):
                 names.add(item["name"])
     return names
