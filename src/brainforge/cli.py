@@ -248,6 +248,8 @@ def eval_command(
 ) -> None:
     """Held-out accuracy (greedy) and pass@k (sampled) for the base model and base + adapter.
 
+    Agent configs (agent_grpo, apo, agent_sft) run the agent once per held-out task, greedy,
+    and report its success rate (an apo run folder: the base model with its best prompt).
     QA configs (search_r1, or answer_match first) report EM, F1, answer rate and, for
     search_r1, search calls per question, greedy. A `brainforge reason` config is evaluated
     as its phase 2, and a reason run folder as --adapter means its phase 2 adapter."""
@@ -259,6 +261,16 @@ def eval_command(
     from brainforge.reasoning.policy import run_folder
 
     cfg = load_reason_config(config, set_)["phase2"] if has_reason_section(config) else load_config(config, set_)
+    if cfg.algorithm.is_agent:
+        from brainforge.agents.evaluation import run_agent_eval
+        from brainforge.agents.store import DEFAULT_STORE
+
+        agent_results = run_agent_eval(cfg, run_folder(adapter) if adapter is not None else None, limit, DEFAULT_STORE)
+        for agent_result in agent_results:
+            typer.echo(agent_result.summary())
+        if output:
+            output.write_text(json.dumps([r.as_dict() for r in agent_results], indent=2))
+        return
     if adapter is not None:
         adapter = run_folder(adapter)
         resolve_adapter_dir(adapter)  # a damaged adapter fails now, not after the base model's evaluation

@@ -17,16 +17,50 @@ log = logging.getLogger(__name__)
 MAX_TURNS = 4
 MAX_TOKENS = 128
 MODEL = "policy"
-# One worked call per tool, in the text form the policy server tells the model to write
-# (agents/chat_format.py), appended to the system prompt. Measured on the default 135M model
-# (32 test tasks, greedy and at temperature 0.7): 0 tool calls and 0 successes with or
-# without it; it is there so that a model that can follow an example sees the exact format.
-EXAMPLES = {
-    "calculator": ("What is 12 * 34?", {"expression": "12 * 34"}, "408", "408"),
-    "read_file": ("What is the workers in configs/example.ini?", {"path": "configs/example.ini"},
-                  "[service]\nname = example\nworkers = 4", "4"),
-    "python": ("What is the sum of the digits of 2**10?", {"code": "print(sum(int(d) for d in str(2**10)))"}, "7", "7"),
+# Worked examples per tool, given to the model as earlier turns of the conversation (a user
+# question, the assistant's tool call, the tool's result, the assistant's answer), in the text
+# form the policy server tells the model to write (agents/chat_format.py). Why turns and not a
+# description in the system prompt: measured with the default 135M model on calculator
+# questions (24 samples at temperature 0.7), it called the tool 0 times with the description
+# alone and 24 times after three worked turns with the results shown as tool turns.
+_SERVICE = "# Settings of the {name} service\n[service]\nname = {name}\nhost = 10.0.3.7\nport = {port}\nworkers = 8\ntimeout_s = {timeout}\nrelease = {release}\n"
+EXAMPLES: dict[str, list[tuple[str, dict[str, str], str, str]]] = {
+    "calculator": [
+        ("What is 123 * 456? Use the calculator tool. Reply with just the number.", {"expression": "123 * 456"}, "56088", "56088"),
+        ("What is 98765 / 5? Use the calculator tool. Reply with just the number.", {"expression": "98765 / 5"}, "19753", "19753"),
+        ("What is 3021 - 47 * 12? Use the calculator tool. Reply with just the number.", {"expression": "3021 - 47 * 12"}, "2457", "2457"),
+    ],
+    "read_file": [
+        ("What is the port in configs/example_a.ini? Use the read_file tool. Reply with just the number.",
+         {"path": "configs/example_a.ini"}, _SERVICE.format(name="demo-a", port=8080, timeout=30, release="AB12-CD34"), "8080"),
+        ("What is the timeout_s in configs/example_b.ini? Use the read_file tool. Reply with just the number.",
+         {"path": "configs/example_b.ini"}, _SERVICE.format(name="demo-b", port=5121, timeout=120, release="QR7Z-XY2P"), "120"),
+        ("What is the release in configs/example_c.ini? Use the read_file tool. Reply with just the release code.",
+         {"path": "configs/example_c.ini"}, _SERVICE.format(name="demo-c", port=2390, timeout=45, release="MN3K-7TWV"), "MN3K-7TWV"),
+    ],
+    "python": [
+        ("What is the sum of the digits of 2**10? Use the python tool and print the result. Reply with just the number.",
+         {"code": "print(sum(int(d) for d in str(2**10)))"}, "7", "7"),
+        ("How many prime numbers are there below 50? Use the python tool and print the result. Reply with just the number.",
+         {"code": "print(sum(1 for n in range(2, 50) if all(n % d for d in range(2, int(n ** 0.5) + 1))))"}, "15", "15"),
+        ("What is the sum of the digits of 3**20? Use the python tool and print the result. Reply with just the number.",
+         {"code": "print(sum(int(d) for d in str(3**20)))"}, "45", "45"),
+    ],
 }
+
+
+def example_turns(tool_names: list[str]) -> list[dict[str, Any]]:
+    """Worked examples of the task's tools as OpenAI messages (empty for tools without any)."""
+    turns: list[dict[str, Any]] = []
+    for name in tool_names:
+        for index, (question, arguments, result, answer) in enumerate(EXAMPLES.get(name, [])):
+            call_id = f"call_example_{name}_{index}"
+            turns += [{"role": "user", "content": question},
+                      {"role": "assistant", "content": None, "tool_calls": [
+                          {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}]},
+                      {"role": "tool", "tool_call_id": call_id, "content": result},
+                      {"role": "assistant", "content": answer}]
+    return turns
 
 
 def default_prompt() -> str:
@@ -36,30 +70,20 @@ def default_prompt() -> str:
     return AgentSettings.model_fields["system_prompt"].default
 
 
-def example_text(tool_names: list[str]) -> str:
-    """A worked example of calling the first of the task's tools that has one ("" if none)."""
-    for name in tool_names:
-        if name in EXAMPLES:
-            question, arguments, result, answer = EXAMPLES[name]
-            call = json.dumps({"name": name, "arguments": arguments})
-            return (f"Example.\nUser: {question}\nAssistant: <tool_call>{call}</tool_call>\n"
-                    f"Tool result: <tool_response>\n{result}\n</tool_response>\nAssistant: {answer}")
-    return ""
-
-
 def solve(task: dict[str, Any], client: Any, prompt: str | None = None) -> float:
     """Run one task to its final reply and return its reward (`tasks.task_reward`).
 
     Each turn is one chat.completions call with the task's tools; tool calls in the reply are
     run (errors come back to the model as text) and the loop continues; a reply without tool
     calls is final. A task still calling tools after MAX_TURNS scores 0. The system message is
-    `prompt` (what APO optimises) followed by a worked example of the task's tool. Exceptions
+    `prompt` (what APO optimises); worked examples of the task's tools come before the task as
+    earlier turns (`example_turns`). Exceptions
     from the client propagate: the runner counts the rollout as failed."""
     names = list(task.get("tools") or [])
     tools = select_tools(names, root=task.get("root"), store=task.get("store"))
-    system = "\n\n".join(part for part in (prompt if prompt is not None else default_prompt(), example_text(names)) if part)
     messages: list[dict[str, Any]] = [
-        {"role": "system", "content": system},
+        {"role": "system", "content": prompt if prompt is not None else default_prompt()},
+        *example_turns(names),
         {"role": "user", "content": task["prompt"]},
     ]
     request_tools = openai_tools(tools) or None
