@@ -73,7 +73,8 @@ def evaluate_agent(model: Any, tokenizer: Any, chat_template: str, config: Brain
                            by_kind={k: f"{sum(w)}/{len(w)}" for k, w in wins.items()}, seconds=time.perf_counter() - started)
 
 
-def run_agent_eval(config: BrainforgeConfig, adapter: Path | None, limit: int | None, store_path: Path) -> list[AgentEvalResult]:
+def run_agent_eval(config: BrainforgeConfig, adapter: Path | None, limit: int | None, store_path: Path,
+                   include_base: bool = True) -> list[AgentEvalResult]:
     """Base model, and base + adapter when given, on the first `limit` held-out tasks; for an
     apo run folder (no adapter, a best_prompt.txt), the base model with its best prompt."""
     from brainforge.agents.run import agent_tasks
@@ -84,7 +85,7 @@ def run_agent_eval(config: BrainforgeConfig, adapter: Path | None, limit: int | 
     prompt = _best_prompt(adapter) if adapter is not None else None
     store = TraceStore(store_path)
     results = []
-    models: list[tuple[Path | None, str]] = [(None, f"base ({config.model.name_or_path})")]
+    models: list[tuple[Path | None, str]] = [(None, f"base ({config.model.name_or_path})")] if include_base else []
     if adapter is not None and _has_adapter(adapter):
         models.append((adapter, f"adapter ({adapter})"))
     for path, label in models:
