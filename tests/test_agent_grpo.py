@@ -207,3 +207,59 @@ def test_brainforge_train_agent_grpo_end_to_end(tmp_path, tiny_model_dir):
     assert finished and all(r.num_calls == 2 for r in finished)
     versions = {c.policy_version for r in finished for c in store.calls(r.rollout_id)}
     assert versions == {"step-0", "step-1"}                             # the second step was served by the updated adapter
+
+
+def test_shared_prefix_logprobs_and_gradients_equal_the_padding_free_path(served):
+    """The loss pass computes the calls' common beginning (tools, system prompt) once; its
+    log-probs, entropies and adapter gradients are those of laying each call out in full."""
+    from brainforge.agents.agent_grpo import MIN_SHARED_PREFIX, transitions
+    from brainforge.training.grpo import GRPOModule
+    from brainforge.training.shared_prefix import prefix_groups
+
+    module, url, store = served
+    rollout_ids = [store.start_rollout(task_id="t", group_id="g") for _ in range(2)]
+    for rollout_id in rollout_ids:
+        two_call_rollout(url, store, rollout_id)
+    rollout, advantages, _ = transitions([store.calls(r) for r in rollout_ids], torch.tensor([1.0, 0.0]), 2, "group",
+                                         module.engine.pad_id)
+    groups = prefix_groups(rollout.prompt_ids, MIN_SHARED_PREFIX)
+    assert any(len(rows) >= 2 and shared >= MIN_SHARED_PREFIX for rows, shared in groups)   # the shared path is taken
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    mask = rollout.completion_mask.bool()
+
+    def run(logps_of) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        for p in params:
+            p.grad = None
+        logps, entropy = logps_of(rollout, grad=True, entropy_grad=True)
+        objective = -(advantages[:, None] * logps * mask).sum() - 0.1 * (entropy * mask).sum()
+        objective.backward()
+        return logps.detach(), entropy.detach(), [p.grad.clone() for p in params]
+
+    shared = run(module.completion_logps)
+    packed = run(lambda *a, **k: GRPOModule.completion_logps(module, *a, **k))
+    assert torch.allclose(shared[0][mask], packed[0][mask], atol=1e-5)
+    assert torch.allclose(shared[1][mask], packed[1][mask], atol=1e-5)
+    assert (shared[0][~mask] == 0).all()
+    assert any(float(g.abs().max()) > 0 for g in shared[2])
+    for got, expected in zip(shared[2], packed[2]):
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()  # fp32 summation order
+
+
+def test_common_prefix_length():
+    from brainforge.training.shared_prefix import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2], [1, 2]]) == 2
+    assert common_prefix_length([[7], [1, 2]]) == 0
+    assert common_prefix_length([]) == 0
+
+
+def test_prefix_groups_put_long_shared_beginnings_together():
+    from brainforge.training.shared_prefix import prefix_groups
+
+    system_a, system_b = list(range(100, 200)), list(range(300, 400))
+    prompts = [system_a + [1, 2], system_b + [5], system_a + [1, 3, 4], [9, 9], system_a + [7], system_b + [6, 6]]
+    groups = dict((tuple(rows), shared) for rows, shared in prefix_groups(prompts, 64))
+    assert groups == {(0, 2, 4): 100, (1, 5): 100, (3,): 0}
+    assert prefix_groups([system_a, system_a + [1]], 64) == [([0, 1], 99)]   # every prompt keeps a token after the prefix
+    assert prefix_groups([system_a[:10], system_a[:10] + [1]], 64) == [([0], 0), ([1], 0)]   # too short to share

@@ -46,8 +46,12 @@ from brainforge.generation.engine import Rollout
 from brainforge.rl.advantages import scored_mask
 from brainforge.rl.losses import TOKEN_STATS, StepTotals, loss_pass
 from brainforge.training.grpo import GRPOModule
+from brainforge.training.shared_prefix import prefix_groups, shared_prefix_completion_logps, supports_shared_prefix
 
 log = logging.getLogger(__name__)
+
+MIN_SHARED_PREFIX = 64
+"""Calls sharing fewer prompt tokens than this are not grouped (the padding-free path is as cheap)."""
 
 
 class AgentGRPOModule(GRPOModule):
@@ -71,6 +75,38 @@ class AgentGRPOModule(GRPOModule):
 
     def teardown(self, stage: str) -> None:
         self.server.stop()
+
+    # ------------------------------------------------------------------ log-probs
+
+    def completion_logps(self, rollout: Rollout, rows: slice | None = None, grad: bool = True,
+                         entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """As GRPO's, but calls that begin with the same tokens (system prompt, tool list,
+        worked examples, the task; for a later call also the rollout's earlier turns) are
+        grouped, and each group's shared beginning is computed once instead of once per call
+        (see training.shared_prefix). Calls sharing too little go through the padding-free path."""
+        rows = rows or slice(0, rollout.completion_ids.shape[0])
+        prompts = rollout.prompt_ids[rows]
+        lengths = rollout.completion_mask[rows].sum(dim=1).tolist()
+        if not supports_shared_prefix(self.model):
+            return super().completion_logps(rollout, rows=rows, grad=grad, entropy_grad=entropy_grad)
+        n, T = rollout.completion_ids[rows].shape
+        logps: list[torch.Tensor | None] = [None] * n
+        entropies: list[torch.Tensor | None] = [None] * n
+        alone: list[int] = []
+        for group, shared in prefix_groups(prompts, MIN_SHARED_PREFIX):
+            if len(group) < 2 or shared == 0 or min(lengths[i] for i in group) == 0:
+                alone.extend(group)
+                continue
+            got = shared_prefix_completion_logps(
+                self.model, [prompts[i] for i in group], rollout.completion_ids[rows][group], [lengths[i] for i in group], shared,
+                self.settings.temperature, self.engine.pad_id, self.device, grad, entropy_grad)
+            for j, i in enumerate(group):
+                logps[i], entropies[i] = got[0][j], got[1][j]
+        if alone:
+            got = super().completion_logps(_select(rollout, rows, alone), grad=grad, entropy_grad=entropy_grad)
+            for j, i in enumerate(alone):
+                logps[i], entropies[i] = got[0][j], got[1][j]
+        return torch.stack(logps), torch.stack(entropies)                                 # [n, T] each, rows in order
 
     # ------------------------------------------------------------------ the step
 
@@ -103,7 +139,9 @@ class AgentGRPOModule(GRPOModule):
             loss, stats = 0.0, dict.fromkeys(TOKEN_STATS, math.nan)
             if len(owner) and float(mask.sum()) > 0:
                 totals = StepTotals.of(mask, rows=int(scored_mask(row_rewards).sum()))
-                loss, stats = loss_pass(lambda rows: self.completion_logps(rollout, rows=rows, grad=True)[0], advantages, mask,
+                entropy_grad = self.loss_config.entropy_coef > 0
+                loss, stats = loss_pass(lambda rows: self.completion_logps(rollout, rows=rows, grad=True, entropy_grad=entropy_grad),
+                                        advantages, mask,
                                         self.loss_config, totals, self.settings.micro_batch_size, ref_logps=ref_logps,
                                         backward=self.manual_backward)
             timings["loss"] = time.perf_counter() - clock
@@ -256,3 +294,11 @@ def _text_rollout(texts: list[str]) -> Rollout:
     n = len(texts)
     return Rollout(prompt_ids=[[] for _ in texts], completion_ids=torch.zeros((n, 1), dtype=torch.long),
                    completion_mask=torch.zeros((n, 1), dtype=torch.long), truncated=torch.zeros(n, dtype=torch.bool), texts=texts)
+
+
+def _select(rollout: Rollout, rows: slice, picked: list[int]) -> Rollout:
+    """The rows `picked` (indices within `rows`) of a rollout, as a rollout of their own."""
+    index = torch.arange(rollout.completion_ids.shape[0])[rows][picked]
+    return Rollout(prompt_ids=[rollout.prompt_ids[int(i)] for i in index], completion_ids=rollout.completion_ids[index],
+                   completion_mask=rollout.completion_mask[index], truncated=rollout.truncated[index],
+                   texts=[rollout.texts[int(i)] for i in index])
