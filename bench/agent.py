@@ -101,8 +101,9 @@ def main() -> None:
                      "train_reward_first5": metrics.get("reward_first5_mean"), "train_reward_last5": metrics.get("reward_last5_mean")}
         if (run / "apo.json").is_file():
             apo = json.loads((run / "apo.json").read_text())
-            extra = {"apo_seed_validation": apo.get("seed_validation"), "apo_best_validation": apo.get("best_validation"),
-                     "best_prompt": apo.get("best_prompt")}
+            extra = {"apo_seed_validation": apo.get("seed_validation_score"), "apo_best_validation": apo.get("best_validation_score"),
+                     "apo_seed_test": apo.get("seed_test_score"), "apo_best_test": apo.get("best_test_score"),
+                     "apo_candidates": len(apo.get("candidates", [])), "best_prompt": apo.get("best_prompt")}
         print(json.dumps({"method": method, "success_before": base["success_rate"], "success_after": after["success_rate"],
                           "by_kind_before": base["by_kind"], "by_kind_after": after["by_kind"],
                           "tool_calls_per_task_after": after["tool_calls_per_task"], "train_minutes": round(minutes, 1),

@@ -17,7 +17,8 @@ One training step reads top to bottom:
                      outputs and earlier turns are in the prompt, so only sampled tokens
                      carry loss
     5. loss, update  the GRPO core's clipped surrogate (+ beta * KL to the adapter-free
-                     base), token-level aggregation over the whole step by default, then
+                     base), token-level aggregation over the whole step by default (calls
+                     that begin alike compute that beginning once: training.shared_prefix), then
                      the optimizer step, holding the server's model lock: the next
                      rollouts are served by the updated adapter
 

@@ -90,7 +90,7 @@ def run_apo_job(config: BrainforgeConfig, run_dir: Path, model: Any, tokenizer: 
     server = policy_server(config, model, tokenizer, chat_format(config.datasets.output_format, tokenizer).template, store,
                            forced_sampling=None, max_tokens=max(config.algorithm.grpo.max_new_tokens, apo.optimiser.max_tokens))
     with server:
-        url = server.start()
+        url = server.base_url
 
         def evaluate(prompt: str, tasks: list[dict[str, Any]]) -> list[EvaluatedRollout]:
             results = run_rollouts(agent, tasks, 1, url, store, prompt=prompt, timeout_s=agent_settings.timeout_s,
