@@ -59,3 +59,26 @@ def test_bad_roles_are_named(tokenizer):
         render_with_spans(tokenizer, fmt, [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}])
     with pytest.raises(DataError, match="only the first message"):
         render_with_spans(tokenizer, fmt, [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}])
+
+
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "What is 12*34?"},
+    {"role": "assistant", "content": '<tool_call>{"name": "calculator", "arguments": {"expression": "12*34"}}</tool_call>'},
+    {"role": "tool", "content": "408"},
+    {"role": "assistant", "content": "408"},
+]
+
+
+def test_tool_turns_render_as_their_own_turn_and_are_not_trained(tokenizer):
+    """Agent SFT data (brainforge traces export) holds tool results as `tool` turns."""
+    fmt = chat_format("chatml", tokenizer)
+    example = tokenize_conversation(tokenizer, fmt, TOOL_CONVERSATION, max_length=512)
+    text = tokenizer.decode(example.input_ids)
+    assert "<|im_start|>tool\n408<|im_end|>" in text
+    assert trained_text(tokenizer, example) == (TOOL_CONVERSATION[1]["content"] + "<|im_end|>408<|im_end|>")
+
+
+@pytest.mark.parametrize("name", ["alpaca", "llama2", "mistral"])
+def test_tool_turns_in_a_template_without_role_names_are_refused(tokenizer, name):
+    with pytest.raises(DataError, match="message 2 is a tool result.*output_format: chatml"):
+        tokenize_conversation(tokenizer, chat_format(name, tokenizer), TOOL_CONVERSATION, max_length=512)

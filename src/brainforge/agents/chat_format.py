@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from brainforge.data.templates import writes_role_names
 from brainforge.errors import BrainforgeError
 
 TOOL_CALL_OPEN = "<tool_call>"
@@ -155,12 +156,7 @@ def tool_role_for(chat_template: str) -> str:
     examples in the conversation, a result shown as a user turn made it answer with a
     `<tool_response>` of its own in about 40% of samples instead of calling the tool; as a
     `tool` turn it called the tool in 24 of 24."""
-    return "tool" if _WRITES_ROLE.search(chat_template) else "user"
-
-
-_ROLE = r"message\[['\"]role['\"]\]"
-_WRITES_ROLE = re.compile(rf"\+\s*{_ROLE}|{_ROLE}\s*\+|\{{\{{\s*{_ROLE}")
-"""A template that outputs the role name (`'<|im_start|>' + message['role']`), not one that only compares it."""
+    return "tool" if writes_role_names(chat_template) else "user"
 
 
 def lower_messages(messages: Any, tools: list[ToolSpec], tool_choice: Any = None, tool_role: str = "tool") -> list[dict[str, str]]:

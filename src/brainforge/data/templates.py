@@ -13,6 +13,8 @@ trained when it starts inside such a span.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,7 +86,7 @@ def render(tokenizer: Any, fmt: ChatFormat, messages: list[dict[str, str]], add_
 
 def render_with_spans(tokenizer: Any, fmt: ChatFormat, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of every assistant turn."""
-    _check_roles(messages)
+    _check_roles(messages, fmt)
     full = render(tokenizer, fmt, messages)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
@@ -101,12 +103,27 @@ def render_with_spans(tokenizer: Any, fmt: ChatFormat, messages: list[dict[str, 
     return full, spans
 
 
-def _check_roles(messages: list[dict[str, str]]) -> None:
+def writes_role_names(chat_template: str) -> bool:
+    """Whether a template outputs each message's role name (ChatML, SmolLM2's own), so a
+    `tool` turn renders as one; templates that only compare the role would drop it or
+    render it as something else."""
+    return bool(_WRITES_ROLE.search(chat_template))
+
+
+_ROLE = r"message\[['\"]role['\"]\]"
+_WRITES_ROLE = re.compile(rf"\+\s*{_ROLE}|{_ROLE}\s*\+|\{{\{{\s*{_ROLE}")
+"""A template that outputs the role name (`'<|im_start|>' + message['role']`), not one that only compares it."""
+
+
+def _check_roles(messages: list[dict[str, str]], fmt: ChatFormat) -> None:
     if not messages:
         raise DataError("a conversation has no messages")
     for index, message in enumerate(messages):
-        if message.get("role") not in {"system", "user", "assistant"}:
-            raise DataError(f"message {index} has role {message.get('role')!r}; expected system, user or assistant")
+        if message.get("role") == "tool" and not writes_role_names(fmt.template):
+            raise DataError(f"message {index} is a tool result, which the '{fmt.name}' chat template cannot render as its own "
+                            "turn; use datasets.output_format: chatml, or put tool results into user turns")
+        if message.get("role") not in {"system", "user", "assistant", "tool"}:
+            raise DataError(f"message {index} has role {message.get('role')!r}; expected system, user, assistant or tool")
         if message["role"] == "system" and index != 0:
             raise DataError(f"message {index} is a system message; only the first message may be one")
 
