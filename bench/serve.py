@@ -3,10 +3,11 @@
     python bench/serve.py                              # 1, 4 and 16 concurrent clients
     python bench/serve.py --clients 1,16 --max-tokens 32 --tools brainforge
 
-Each server runs as a child process on a loopback port, with the default model (fp32 on
-CPUs without fast bf16); the clients are threads of this process using the real `openai`
-client, each sending chat requests back to back (`--requests-per-client`, at least
-`--min-requests` in all). transformers' server is run as a user would start it (`transformers
+Each server runs as a child process on a loopback port, with the default model in the
+dtype brainforge's `auto` picks on this CPU (bf16 with AMX / AVX512-bf16, else fp32), given
+to both; the clients are threads of this process using the real `openai` client, each
+sending chat requests back to back (`--requests-per-client`, at least `--min-requests` in all).
+transformers' server is run as a user would start it (`transformers
 serve MODEL_DIR`), which generates one request at a time, and, with `--tools` including
 `transformers-cb`, with its `--continuous-batching` flag. Prints one JSON line per (tool,
 clients): completion tokens per second (from the responses' `usage`), requests per second,
@@ -57,11 +58,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_command(tool: str, model_dir: Path, port: int, store: Path) -> list[str]:
+def server_command(tool: str, model_dir: Path, port: int, store: Path, dtype: str) -> list[str]:
     if tool == "brainforge":
-        return [sys.executable, "-m", "brainforge", "serve", "--model", "default", "--port", str(port), "--store", str(store)]
+        return [sys.executable, "-m", "brainforge", "serve", "--model", "default", "--port", str(port), "--store", str(store),
+                "--dtype", dtype]
     command = [str(Path(sys.executable).with_name("transformers")), "serve", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(port), "--device", "cpu", "--dtype", "float32", "--log-level", "warning"]
+               "--port", str(port), "--device", "cpu", "--dtype", dtype, "--log-level", "warning"]
     return command + (["--continuous-batching"] if tool == "transformers-cb" else [])
 
 
@@ -129,16 +131,19 @@ def main() -> None:
     prepare_environment(worker=False)
     from brainforge.models.gguf import ensure_default_model
 
+    from brainforge.hardware import resolve_dtype
+
     model_dir = ensure_default_model()
+    dtype = str(resolve_dtype("auto")).removeprefix("torch.")   # what brainforge picks here; both servers get it
     clients = [int(c) for c in args.clients.split(",")]
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "dtype": dtype}
     results: dict[tuple[str, int], dict] = {}
     for tool in args.tools.split(","):
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         with tempfile.TemporaryDirectory() as scratch:
             log = open(Path(scratch) / "server.log", "w")
-            process = subprocess.Popen(server_command(tool, model_dir, port, Path(scratch) / "traces.sqlite"),
+            process = subprocess.Popen(server_command(tool, model_dir, port, Path(scratch) / "traces.sqlite", dtype),
                                        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             try:
                 wait_until_up(base, process, args.startup_timeout)

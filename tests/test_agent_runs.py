@@ -74,7 +74,7 @@ def test_brainforge_train_agent_sft_end_to_end(tmp_path, tiny_model_dir):
     train(path)
     examples = [json.loads(line) for line in (run / "agent_sft.jsonl").read_text().splitlines()]
     assert examples and all(e["reward"] == 1.0 for e in examples)             # only the successful trajectories
-    assert all(int(e["task_id"][-1]) % 2 == 0 for e in examples)
+    assert all(e["task_id"].startswith("tools-train-") and int(e["task_id"][-1]) % 2 == 0 for e in examples)
     assert [m["role"] for m in examples[0]["messages"]][-2:] == ["user", "assistant"]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run / "metrics.json").read_text())["steps"] == 2

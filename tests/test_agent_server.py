@@ -239,6 +239,22 @@ def test_a_written_tool_call_reaches_the_client_as_tool_calls_and_forced_samplin
     assert record.params["forced"] is True and record.params["temperature"] == 0.7
 
 
+def test_forced_sampling_applies_to_rollout_calls_only(model, tokenizer, store):
+    """APO's optimiser shares the server with the agent: its critiques (no rollout id) keep
+    their own temperature while the agent's calls are sampled as the run says."""
+    settings = PolicyServerSettings(max_tokens=16, batch_wait_ms=0)
+    with PolicyServer(model, tokenizer, tokenizer.chat_template, settings, store, forced_sampling=(0.0, 1.0)) as policy:
+        policy.engine = ScriptedEngine(tokenizer, "A critique.")
+        client = openai.OpenAI(base_url=policy.base_url, api_key="unused", max_retries=0, timeout=300)
+        client.chat.completions.create(model="x", messages=USER, temperature=0.7, top_p=0.8)
+        free = policy.engine.params[-1]
+        client.chat.completions.create(model="x", messages=USER, temperature=0.7, top_p=0.8, extra_headers={"X-Rollout-Id": "r"})
+        forced = policy.engine.params[-1]
+    assert (free.temperature, free.top_p) == (0.7, 0.8)
+    assert (forced.temperature, forced.top_p) == (0.0, 1.0)
+    assert store.calls("r")[0].params["forced"] is True
+
+
 def test_concurrent_clients_share_decode_batches(client, server):
     clients, barrier = 6, threading.Barrier(6)
     answers: list = [None] * clients

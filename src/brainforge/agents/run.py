@@ -88,7 +88,8 @@ def run_apo_job(config: BrainforgeConfig, run_dir: Path, model: Any, tokenizer: 
     store = open_store(config, run_dir)
     api_key = server_api_key(config)
     server = policy_server(config, model, tokenizer, chat_format(config.datasets.output_format, tokenizer).template, store,
-                           forced_sampling=None, max_tokens=max(config.algorithm.grpo.max_new_tokens, apo.optimiser.max_tokens))
+                           forced_sampling=(apo.rollout_temperature, 1.0),   # the agent's calls; not the optimiser's
+                           max_tokens=max(config.algorithm.grpo.max_new_tokens, apo.optimiser.max_tokens))
     with server:
         url = server.base_url
 

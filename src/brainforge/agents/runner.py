@@ -147,7 +147,7 @@ def run_rollouts(agent: Agent, tasks: list[dict[str, Any]], samples_per_task: in
                 slot, task_index, sample_index = jobs.get_nowait()
             except queue.Empty:
                 return
-            task_id = task_ids[task_index] if task_ids else str(task_index)
+            task_id = task_ids[task_index] if task_ids else str(tasks[task_index].get("task_id", task_index))
             results[slot] = _one_rollout(agent, tasks[task_index], task_index, sample_index, base_url, store, prompt=prompt,
                                          timeout_s=timeout_s, group_id=f"{group_prefix}{task_id}", task_id=task_id, api_key=api_key)
 

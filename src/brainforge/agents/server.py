@@ -26,9 +26,10 @@ Choices made where OpenAI leaves room:
   first (one content chunk per choice, then a finish chunk): batching comes before latency.
 * `top_logprobs` > 0 is refused (only the sampled token's log-prob is known); `seed`,
   penalties and other unknown fields are ignored, as vLLM does.
-* With `forced_sampling` (training), every request is sampled at the trainer's
-  (temperature, top_p) whatever it asks, so recorded log-probs are the ones the loss
-  assumes; the record's `params` say what was used (`forced: true`).
+* With `forced_sampling` (training, evaluation, APO), every request of a rollout is sampled
+  at the trainer's (temperature, top_p) whatever it asks, so recorded log-probs are the ones
+  the loss assumes; the record's `params` say what was used (`forced: true`). Requests outside
+  any rollout (APO's optimiser writing critiques) keep their own sampling.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route functions' annotations
@@ -282,7 +283,8 @@ class PolicyServer:
 
     # ------------------------------------------------------------------ requests
 
-    def _sampling(self, body: dict[str, Any], prompt_len: int, stops: list[str], tools_on: bool) -> tuple[SamplingParams, dict[str, Any]]:
+    def _sampling(self, body: dict[str, Any], prompt_len: int, stops: list[str], tools_on: bool,
+                  in_rollout: bool) -> tuple[SamplingParams, dict[str, Any]]:
         """Engine parameters of a request and the `params` to record."""
         cap = self.settings.max_tokens
         asked = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -303,7 +305,7 @@ class PolicyServer:
                     f"this model's context length is {self.context_length} tokens, but the request asks for "
                     f"{prompt_len + max_tokens} ({prompt_len} in the messages, {max_tokens} for the completion); "
                     "shorten the messages or lower max_tokens", param="messages", code="context_length_exceeded")
-        if self.forced_sampling is not None:
+        if self.forced_sampling is not None and in_rollout:
             temperature, top_p = self.forced_sampling
             record["forced"] = True
         else:
@@ -350,8 +352,8 @@ class PolicyServer:
         if n > self.settings.max_batch_size:
             raise RequestError(f"n is {n}, more than this server's max_batch_size of {self.settings.max_batch_size}; "
                                "ask for fewer choices or raise algorithm.server.max_batch_size", param="n")
-        params, record_params = self._sampling(body, len(prompt_ids), stops, tools_on)
         rollout_id = self._rollout_id(rollout_header, body)
+        params, record_params = self._sampling(body, len(prompt_ids), stops, tools_on, in_rollout=rollout_id is not None)
         self._open_rollout(rollout_id)
         with self._stats_lock:
             self._stats["requests"] += 1
