@@ -46,7 +46,7 @@ from brainforge.training.mixed_groups import OffPolicySample, assemble_groups
 from brainforge.training.checkpointing import keep_trainable_state
 from brainforge.data.collate import packed_collate
 from brainforge.data.templates import IGNORE_INDEX, TokenizedExample
-from brainforge.training.losses import decoder_and_head, packed_hidden_states
+from brainforge.training.losses import decoder_and_head, packed_hidden_states, token_logps_and_entropies
 from brainforge.training.sft import lr_lambda, warmup_steps
 
 log = logging.getLogger(__name__)
@@ -303,18 +303,10 @@ class GRPOModule(L.LightningModule):
         targets = completion[row_index, token_index]                                         # [C]
         device = self.device
         with torch.set_grad_enabled(grad):
-            hidden = packed_hidden_states(self.model, batch, device)[0]                     # [sum(len), H]
-            _, head = decoder_and_head(self.model)
-            logits = head(hidden[source.to(device)]).float() / self.settings.temperature   # [C, V]
-            logp_all = torch.log_softmax(logits, dim=-1)
-            picked = logp_all.gather(1, targets.to(device)[:, None]).squeeze(1)            # [C]
-            logps = torch.zeros((n, T), device=device, dtype=picked.dtype).index_put((row_index.to(device), token_index.to(device)), picked)
-        with torch.set_grad_enabled(grad and entropy_grad):
-            token_entropy = -(logp_all.exp() * logp_all).sum(-1)                           # [C]
-            if not (grad and entropy_grad):
-                token_entropy = token_entropy.detach()
-            entropy = torch.zeros((n, T), device=device, dtype=token_entropy.dtype).index_put(
-                (row_index.to(device), token_index.to(device)), token_entropy)
+            hidden = packed_hidden_states(self.model, batch, device)[0][source.to(device)]   # [C, H]
+        _, head = decoder_and_head(self.model)
+        logps, entropy = token_logps_and_entropies(head, hidden, targets, row_index, token_index, (n, T),
+                                                   self.settings.temperature, grad, entropy_grad)
         return logps, entropy
 
     @torch.no_grad()

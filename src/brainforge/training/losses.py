@@ -56,3 +56,25 @@ def sum_token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     logits = head(selected).float()                        # [N, V]
     nll = F.cross_entropy(logits, targets[keep], reduction="sum")
     return nll, keep.sum()
+
+
+def token_logps_and_entropies(head: Any, hidden: torch.Tensor, targets: torch.Tensor, row_index: torch.Tensor,
+                              token_index: torch.Tensor, shape: tuple[int, int], temperature: float, grad: bool,
+                              entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies [n, T] of completion tokens at the sampling temperature, from
+    the hidden states that predict them (`hidden` [C, H], token c is row `row_index[c]`,
+    position `token_index[c]`); 0 elsewhere. The head runs on those C positions only.
+    Entropies carry gradient only with `entropy_grad` (an entropy bonus)."""
+    device = hidden.device
+    where = (row_index.to(device), token_index.to(device))
+    with torch.set_grad_enabled(grad):
+        logits = head(hidden).float() / temperature                                        # [C, V]
+        logp_all = torch.log_softmax(logits, dim=-1)
+        picked = logp_all.gather(1, targets.to(device)[:, None]).squeeze(1)                # [C]
+        logps = torch.zeros(shape, device=device, dtype=picked.dtype).index_put(where, picked)
+    with torch.set_grad_enabled(grad and entropy_grad):
+        token_entropy = -(logp_all.exp() * logp_all).sum(-1)                               # [C]
+        if not (grad and entropy_grad):
+            token_entropy = token_entropy.detach()
+        entropy = torch.zeros(shape, device=device, dtype=token_entropy.dtype).index_put(where, token_entropy)
+    return logps, entropy

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from brainforge.training.losses import decoder_and_head
+from brainforge.training.losses import decoder_and_head, token_logps_and_entropies
 
 
 def common_prefix_length(sequences: list[list[int]]) -> int:
@@ -104,16 +104,6 @@ def shared_prefix_completion_logps(
         cache.batch_repeat_interleave(n)                                                  # [n, KVH, P, D] per layer
         positions = (P + torch.arange(S, device=device))[None].expand(n, S)
         hidden = decoder(input_ids=suffix_ids.to(device), position_ids=positions, attention_mask=attention.to(device),
-                         cache=cache, use_cache=True).last_hidden_state       # [n, S, H]
-        picked_hidden = hidden[row_index.to(device), source.to(device)]                   # [C, H]
-        logits = head(picked_hidden).float() / temperature                                # [C, V]
-        logp_all = torch.log_softmax(logits, dim=-1)
-        picked = logp_all.gather(1, targets.to(device)[:, None]).squeeze(1)               # [C]
-        logps = torch.zeros((n, T), device=device, dtype=picked.dtype).index_put((row_index.to(device), token_index.to(device)), picked)
-    with torch.set_grad_enabled(grad and entropy_grad):
-        token_entropy = -(logp_all.exp() * logp_all).sum(-1)                              # [C]
-        if not (grad and entropy_grad):
-            token_entropy = token_entropy.detach()
-        entropy = torch.zeros((n, T), device=device, dtype=token_entropy.dtype).index_put(
-            (row_index.to(device), token_index.to(device)), token_entropy)
-    return logps, entropy
+                         cache=cache, use_cache=True).last_hidden_state                  # [n, S, H]
+        hidden = hidden[row_index.to(device), source.to(device)]                          # [C, H]
+    return token_logps_and_entropies(head, hidden, targets, row_index, token_index, (n, T), temperature, grad, entropy_grad)
