@@ -72,14 +72,19 @@ def two_call_rollout(url: str, store, rollout_id: str) -> None:
     client.chat.completions.create(model="policy", messages=messages, tools=tools, max_tokens=12)
 
 
+def two_recorded_rollouts(url: str, store) -> list:
+    """Two rollouts of one task, two calls each, as the store recorded them."""
+    rollout_ids = [store.start_rollout(task_id="t", group_id="g") for _ in range(2)]
+    for rollout_id in rollout_ids:
+        two_call_rollout(url, store, rollout_id)
+    return [store.calls(r) for r in rollout_ids]
+
+
 def test_trainer_logprobs_equal_the_recorded_sampling_logprobs(served):
     from brainforge.agents.agent_grpo import transitions
 
     module, url, store = served
-    rollout_ids = [store.start_rollout(task_id="t", group_id="g") for _ in range(2)]
-    for rollout_id in rollout_ids:
-        two_call_rollout(url, store, rollout_id)
-    calls = [store.calls(r) for r in rollout_ids]
+    calls = two_recorded_rollouts(url, store)
     assert [len(c) for c in calls] == [2, 2]
     assert all(c.params["temperature"] == TEMPERATURE for made in calls for c in made)  # the trainer's temperature, not the agent's 0.1
     # the second call's prompt holds the first call's tool result: it is prompt, not completion
@@ -99,10 +104,7 @@ def test_gradient_flows_only_through_sampled_tokens(served):
     from brainforge.rl.losses import StepTotals, loss_pass
 
     module, url, store = served
-    rollout_ids = [store.start_rollout(task_id="t", group_id="g") for _ in range(2)]
-    for rollout_id in rollout_ids:
-        two_call_rollout(url, store, rollout_id)
-    calls = [store.calls(r) for r in rollout_ids]
+    calls = two_recorded_rollouts(url, store)
     rollout, advantages, _ = transitions(calls, torch.tensor([1.0, 0.0]), 2, "group", module.engine.pad_id)
     assert advantages.tolist()[0] > 0 > advantages.tolist()[-1]
     params = [p for p in module.model.parameters() if p.requires_grad]
@@ -217,10 +219,7 @@ def test_shared_prefix_logprobs_and_gradients_equal_the_padding_free_path(served
     from brainforge.training.shared_prefix import prefix_groups
 
     module, url, store = served
-    rollout_ids = [store.start_rollout(task_id="t", group_id="g") for _ in range(2)]
-    for rollout_id in rollout_ids:
-        two_call_rollout(url, store, rollout_id)
-    rollout, advantages, _ = transitions([store.calls(r) for r in rollout_ids], torch.tensor([1.0, 0.0]), 2, "group",
+    rollout, advantages, _ = transitions(two_recorded_rollouts(url, store), torch.tensor([1.0, 0.0]), 2, "group",
                                          module.engine.pad_id)
     groups = prefix_groups(rollout.prompt_ids, MIN_SHARED_PREFIX)
     assert any(len(rows) >= 2 and shared >= MIN_SHARED_PREFIX for rows, shared in groups)   # the shared path is taken
