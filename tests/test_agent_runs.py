@@ -78,3 +78,20 @@ def test_brainforge_train_agent_sft_end_to_end(tmp_path, tiny_model_dir):
     assert [m["role"] for m in examples[0]["messages"]][-2:] == ["user", "assistant"]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run / "metrics.json").read_text())["steps"] == 2
+
+    # `brainforge eval` of an agent config: held-out success of base and base + adapter
+    from brainforge.agents.tasks import tool_tasks
+
+    out = tmp_path / "eval.json"
+    result = subprocess.run([sys.executable, "-m", "brainforge", "eval", str(path), "--adapter", str(run), "--limit", "4",
+                             "--output", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    base, tuned = json.loads(out.read_text())
+    expected = sum(int(t["task_id"][-1]) % 2 == 0 for t in tool_tasks("test")[:4]) / 4   # the agent's own rule
+    assert base["tasks"] == tuned["tasks"] == 4 and base["success_rate"] == tuned["success_rate"] == expected
+    assert "base (" in base["model"] and "adapter (" in tuned["model"]
+    assert "success" in result.stdout
+    from brainforge.agents.store import TraceStore
+
+    eval_store = TraceStore(tmp_path / ".brainforge" / "traces.sqlite", create=False)
+    assert len(eval_store.list_rollouts(limit=100)) == 8                      # every held-out rollout recorded

@@ -168,11 +168,14 @@ def test_default_agent_runs_the_tool_then_scores_the_final_reply():
     client = ScriptedClient([tool_reply("calculator", '{"expression": "4821 * 377"}'), {"content": "1817517"}])
     assert solve(task, client, prompt="Be brief.") == 1.0
     first, second = client.requests
-    system = first["messages"][0]
-    assert first["model"] == "policy" and system["role"] == "system" and system["content"].startswith("Be brief.\n\n")
-    assert '<tool_call>{"name": "calculator", "arguments": {"expression": "12 * 34"}}</tool_call>' in system["content"]
+    system, *examples, question = first["messages"]
+    assert first["model"] == "policy" and system == {"role": "system", "content": "Be brief."}
+    # worked examples of the task's tools come first, as earlier turns: question, call, result, answer
+    assert [m["role"] for m in examples] == ["user", "assistant", "tool", "assistant"] * 3
+    assert examples[1]["tool_calls"][0]["function"] == {"name": "calculator", "arguments": '{"expression": "123 * 456"}'}
+    assert examples[2]["content"] == "56088" and question == {"role": "user", "content": task["prompt"]}
     assert [t["function"]["name"] for t in first["tools"]] == ["calculator"]
-    assistant, tool = second["messages"][2:]
+    assistant, tool = second["messages"][len(first["messages"]):]
     assert assistant["tool_calls"][0]["function"] == {"name": "calculator", "arguments": '{"expression": "4821 * 377"}'}
     assert tool == {"role": "tool", "tool_call_id": "call_1", "content": "1817517"}
 
@@ -187,8 +190,8 @@ def test_default_agent_reads_files_feeds_back_errors_and_gives_up_after_max_turn
                              {"content": f"It is {task['answer']}."}])
     assert tool_agent.solve(task, client) == 1.0
     assert client.requests[1]["messages"][-1]["content"].startswith("error: ")
-    assert client.requests[0]["messages"][0]["content"].startswith(tool_agent.default_prompt())
-    assert '"name": "read_file"' in client.requests[0]["messages"][0]["content"]
+    assert client.requests[0]["messages"][0]["content"] == tool_agent.default_prompt()
+    assert client.requests[0]["messages"][1:-1] == tool_agent.example_turns(["read_file"])
     looping = ScriptedClient([tool_reply("calculator", "{oops")] * tool_agent.MAX_TURNS)
     task = {"prompt": "2*3?", "answer": "6", "tools": ["calculator"]}
     assert tool_agent.solve(task, looping) == 0.0
@@ -222,3 +225,18 @@ def test_example_agent_is_plain_openai_and_solves_with_its_own_calculator():
     assert client.requests[1]["messages"][-1]["content"] == "1817517"
     assert module.calculator("9**9**9").startswith("error")
     assert module.calculator("__import__('os')").startswith("error")
+
+
+def test_max_samples_limits_the_training_tasks_not_the_held_out_ones(tmp_path):
+    """`brainforge eval` and APO's validation/test judge on the whole held-out split even when
+    the config trains on a few tasks (agent_sft's `max_samples`)."""
+    from brainforge.agents.run import agent_tasks
+    from brainforge.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text('data: {source: {name: "agent:tools", type: prompt, split: train, max_samples: 5}}\n'
+                    "algorithm: {name: agent_sft}\ntraining: {num_epochs: 1}\n")
+    config = load_config(path)
+    assert len(agent_tasks(config)) == 5
+    assert len(agent_tasks(config, "test")) == len(tool_tasks("test")) == 96
+    assert len(agent_tasks(config, "validation")) == len(tool_tasks("validation"))

@@ -63,11 +63,16 @@ def build_agent_grpo_module(config: BrainforgeConfig, model: Any, tokenizer: Any
 
 
 def agent_tasks(config: BrainforgeConfig, split: str | None = None) -> list[dict[str, Any]]:
-    """The tasks of the configured sources (at their own split, or `split`), as agents get them."""
+    """The tasks of the configured sources, as agents get them: the training tasks (each
+    source at its own split, `max_samples` applied), or all of a held-out `split`
+    (`max_samples` limits what is trained on, not what a model is judged on)."""
     from brainforge.agents.runner import task_dict
     from brainforge.data.prompts import load_prompts
 
-    return [task_dict(p) for p in load_prompts(config.sources(), config.data.system_prompt, split=split)]
+    sources = config.sources()
+    if split is not None:
+        sources = [source.model_copy(update={"max_samples": None}) for source in sources]
+    return [task_dict(p) for p in load_prompts(sources, config.data.system_prompt, split=split)]
 
 
 def run_apo_job(config: BrainforgeConfig, run_dir: Path, model: Any, tokenizer: Any) -> Path:
