@@ -279,7 +279,9 @@ def train_grpo(tmp_path, tiny_model_dir, monkeypatch, training=None, lora=None, 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(8)))
     config = {
-        "model": {"name_or_path": str(tiny_model_dir)},
+        # fp32 whatever `dtype: auto` picks on this CPU (bf16 where AMX is): exact-equality checks
+        # (the first update's ratio is exactly 1) hold in fp32 only
+        "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"},
         "peft": {"lora": {"r": 4, "lora_alpha": 8, **(lora or {})}},
         "data": {"source": {"path": str(prompts), "type": "prompt"}},
         "algorithm": {"name": "grpo", "grpo": {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from brainforge.memory.store import embed_chunks, passage_spans, split_passages
 
@@ -87,5 +88,6 @@ def test_mismatched_span_lists_are_refused(embedder):
 def test_query_vectors_equal_sentence_transformers_encode(embedder):
     queries = ["load base model", "How do I rename the checkpoint folder after a crash?", "x"]
     reference = embedder.model.encode(queries, normalize_embeddings=True, convert_to_numpy=True)
-    assert np.allclose(embedder.embed_queries(queries), reference, atol=1e-5)
+    # fp32: equal to rounding; bf16 (what `dtype: auto` picks with AMX): equal to bf16's precision
+    assert np.allclose(embedder.embed_queries(queries), reference, atol=1e-5 if embedder.dtype == torch.float32 else 2e-2)
     assert embedder.embed_queries([]).shape == (0, embedder.dimension)

@@ -22,9 +22,11 @@ def cache(tmp_path, monkeypatch):
 
 
 def make_embedder(**config):
+    """The ONNX query path serves fp32 embedders only, so fp32 even where `dtype: auto` picks
+    bf16 (CPUs with AMX / AVX512-bf16)."""
     from brainforge.memory.embedder import Embedder
 
-    return Embedder(EmbedderConfig(**config))
+    return Embedder(EmbedderConfig(**{"dtype": "float32", **config}))
 
 
 def test_onnx_query_vectors_equal_pytorch_and_the_model_stays_in_eval_mode(cache):

@@ -46,6 +46,11 @@ def _setup_logging(level: int) -> None:
     logger.propagate = False
     for noisy in ("transformers", "datasets", "lightning", "lightning.pytorch", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING if level <= logging.INFO else level)
+    # On AVX512-bf16 CPUs, importing bitsandbytes asks the `kernels` package for an optional
+    # 4-bit CPU kernel from the Hub; offline that fails with two warnings on every command
+    # (4-bit still works without it). Not brainforge's business to show; --debug shows them.
+    for optional_kernel in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(optional_kernel).setLevel(logging.DEBUG if level <= logging.DEBUG else logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 

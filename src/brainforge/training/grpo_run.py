@@ -323,9 +323,10 @@ def write_grpo_metrics(path: Path, history: list[dict[str, float]], steps: int, 
         "kl_last5_mean": mean("kl", tail),
         "completion_length_mean": mean("completion/length_mean", history),
         "seconds_per_step": mean("time/step_s", history),
+        # the phases this algorithm has (agent_grpo: rollouts instead of plan/generation/remember)
         "seconds_per_step_by_phase": {k.removeprefix("time/").removesuffix("_s"): mean(k, history)
                                       for k in ("time/plan_s", "time/rollouts_s", "time/generation_s", "time/rewards_s", "time/reference_s", "time/loss_s",
-                                                "time/optimizer_s", "time/remember_s")},
+                                                "time/optimizer_s", "time/remember_s") if any(k in h for h in history)},
         "completion_tokens_per_s": mean("tokens_per_s/step", history),
         "train_seconds": round(seconds, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
