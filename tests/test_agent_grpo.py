@@ -262,3 +262,4 @@ def test_prefix_groups_put_long_shared_beginnings_together():
     assert groups == {(0, 2, 4): 100, (1, 5): 100, (3,): 0}
     assert prefix_groups([system_a, system_a + [1]], 64) == [([0, 1], 99)]   # every prompt keeps a token after the prefix
     assert prefix_groups([system_a[:10], system_a[:10] + [1]], 64) == [([0], 0), ([1], 0)]   # too short to share
+    assert prefix_groups([system_a + [1], system_b + [2]], 64) == [([0], 0), ([1], 0)]         # alone: nothing to share

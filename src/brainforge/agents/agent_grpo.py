@@ -95,7 +95,7 @@ class AgentGRPOModule(GRPOModule):
         entropies: list[torch.Tensor | None] = [None] * n
         alone: list[int] = []
         for group, shared in prefix_groups(prompts, MIN_SHARED_PREFIX):
-            if len(group) < 2 or shared == 0 or min(lengths[i] for i in group) == 0:
+            if shared == 0 or min(lengths[i] for i in group) == 0:
                 alone.extend(group)
                 continue
             got = shared_prefix_completion_logps(

@@ -36,7 +36,8 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
 
 def prefix_groups(prompts: list[list[int]], min_shared: int) -> list[tuple[list[int], int]]:
     """Rows grouped so that each group's prompts share at least `min_shared` leading tokens:
-    (row indices, shared length to compute once, less than every prompt in the group).
+    (row indices, shared length to compute once, less than every prompt in the group; 0 for
+    a row alone or a group that shares too little).
 
     Sorted prompts put rows with long common beginnings next to each other, and the common
     prefix of a run of sorted sequences is the smallest common prefix of neighbours, so one
@@ -52,7 +53,7 @@ def prefix_groups(prompts: list[list[int]], min_shared: int) -> list[tuple[list[
     for group in groups:
         members = [prompts[i] for i in group]
         shared = min(common_prefix_length(members), min(len(p) for p in members) - 1)
-        result.append((sorted(group), shared) if shared >= min_shared else (sorted(group), 0))
+        result.append((sorted(group), shared if len(group) > 1 and shared >= min_shared else 0))
     return result
 
 
